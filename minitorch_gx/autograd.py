@@ -1,0 +1,270 @@
+"""Define-by-run reverse-mode autodiff: Tensor, Function, backward, no_grad.
+
+The whole idea in a few lines: every op is a ``Function`` whose ``forward``
+maps input arrays to one output array and whose ``backward`` maps the output's
+gradient to one gradient per input. Calling a Function on Tensors runs
+``forward`` and, when a gradient is wanted, records the Function as the output's
+``creator``. ``Tensor.backward()`` lists the recorded Functions in topological
+order and walks them in reverse, handing each its output gradient.
+
+Gradients are plain arrays (NumPy or CuPy), not Tensors: this engine computes
+first derivatives only, which is all training needs.
+"""
+import contextlib
+
+import numpy
+
+from . import backend
+
+_grad_enabled = True
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside this block no graph is recorded (evaluation, optimizer steps)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+class Tensor:
+    """An array, its gradient, and the Function that made it (if any).
+
+    ``data`` is a NumPy or CuPy array; ``grad`` is an array of the same shape
+    once ``backward()`` has reached this tensor; ``requires_grad`` marks leaves
+    (parameters, inputs) whose gradient is wanted.
+    """
+
+    __array_priority__ = 1000  # so that ndarray + Tensor calls Tensor.__radd__
+
+    def __init__(self, data, requires_grad=False):
+        if isinstance(data, Tensor):
+            data = data.data
+        xp = backend.get_array_module(data)
+        if not isinstance(data, xp.ndarray):
+            # Python numbers and lists become float32 arrays, as in PyTorch.
+            data = numpy.asarray(data)
+            if data.dtype == numpy.float64:
+                data = data.astype(numpy.float32)
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self.creator = None  # the Function whose output this is; None for leaves
+        self._grad_hooks = []
+
+    # -- array-like views ------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def size(self):
+        return self.data.size
+
+    @property
+    def is_leaf(self):
+        return self.creator is None
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        flag = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({self.data!r}{flag})"
+
+    def numpy(self):
+        """The data as a NumPy array (copied from the GPU when needed)."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        return self.data.item()
+
+    def detach(self):
+        return Tensor(self.data)
+
+    # -- operators (defined in functions_basic, bound at import) ---------
+    def __add__(self, other):
+        from .functions_basic import add
+        return add(self, other)
+
+    __radd__ = __add__
+
+    def __mul__(self, other):
+        from .functions_basic import mul
+        return mul(self, other)
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        from .functions_basic import mul
+        return mul(self, -1.0)
+
+    def __sub__(self, other):
+        from .functions_basic import add, mul
+        return add(self, mul(other, -1.0))
+
+    def __matmul__(self, other):
+        from .functions_basic import matmul
+        return matmul(self, other)
+
+    def sum(self, axis=None, keepdims=False):
+        from .functions_basic import sum as sum_
+        return sum_(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        from .functions_basic import mean
+        return mean(self, axis, keepdims)
+
+    def reshape(self, *shape):
+        from .functions_basic import reshape
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = shape[0]
+        return reshape(self, tuple(shape))
+
+    # -- gradients -------------------------------------------------------
+    def register_post_accumulate_grad_hook(self, hook):
+        """Call ``hook(tensor)`` once this leaf's gradient for the current
+        backward pass is complete (data-parallel training starts reducing a
+        gradient bucket as soon as all of its gradients are ready)."""
+        self._grad_hooks.append(hook)
+        return hook
+
+    def zero_grad(self):
+        self.grad = None
+
+    def backward(self, grad=None):
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that
+        requires a gradient. ``grad`` defaults to 1 for a one-element tensor."""
+        if self.creator is None and not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require a gradient")
+        xp = backend.get_array_module(self.data)
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError("backward() without a gradient needs a one-element tensor; "
+                                   f"this one has shape {self.shape}")
+            grad = xp.ones_like(self.data)
+        elif isinstance(grad, Tensor):
+            grad = grad.data
+        if grad.shape != self.shape:
+            raise ValueError(f"gradient shape {grad.shape} does not match tensor shape {self.shape}")
+        if self.creator is None:
+            _accumulate_leaf(self, grad)
+            _fire_hooks(self)
+            return
+        run_backward(self, grad)
+
+
+def _accumulate_leaf(t, g):
+    # A leaf owns its gradient array: the optimizer and the allreduce update
+    # it in place, so it must never alias an array another tensor also holds.
+    if t.grad is None:
+        t.grad = g.copy()
+    else:
+        t.grad += g
+
+
+def _fire_hooks(t):
+    for hook in t._grad_hooks:
+        hook(t)
+
+
+def _topological_order(root):
+    """Functions reachable from ``root``, each after all Functions it feeds."""
+    order, seen = [], set()
+    stack = [(root, False)]
+    while stack:
+        f, expanded = stack.pop()
+        if expanded:
+            order.append(f)
+            continue
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        stack.append((f, True))
+        for t in f.inputs:
+            if t.creator is not None and id(t.creator) not in seen:
+                stack.append((t.creator, False))
+    return order  # inputs' creators come first
+
+
+def run_backward(output, grad):
+    order = _topological_order(output.creator)
+    # How many pending contributions each leaf still waits for, so that its
+    # hooks fire the moment its gradient is complete.
+    pending = {}
+    for f in order:
+        for t in f.inputs:
+            if t.creator is None and t.requires_grad:
+                pending[id(t)] = pending.get(id(t), 0) + 1
+    grads = {id(output.creator): grad}  # upstream gradient of each Function's output
+    for f in reversed(order):
+        gy = grads.pop(id(f))
+        gxs = f.backward(gy)
+        if not isinstance(gxs, tuple):
+            gxs = (gxs,)
+        if len(gxs) != len(f.inputs):
+            raise RuntimeError(f"{type(f).__name__}.backward returned {len(gxs)} gradients "
+                               f"for {len(f.inputs)} inputs")
+        for t, gx in zip(f.inputs, gxs):
+            if t.creator is None:
+                if not t.requires_grad:
+                    continue
+                if gx is not None:
+                    _accumulate_leaf(t, gx)
+                pending[id(t)] -= 1
+                if pending[id(t)] == 0:
+                    _fire_hooks(t)
+            elif gx is not None:
+                key = id(t.creator)
+                # out of place: gx may be the very array another input received
+                grads[key] = gx if key not in grads else grads[key] + gx
+        f.release()
+
+
+class Function:
+    """One differentiable op.
+
+    Subclasses implement ``forward(*arrays) -> array`` and
+    ``backward(gy) -> tuple`` of one gradient (or None) per input, and keep on
+    ``self`` only what backward needs. Configuration (stride, eps, ...) goes to
+    ``__init__``.
+    """
+
+    def __call__(self, *inputs):
+        tensors = [x if isinstance(x, Tensor) else Tensor(x) for x in inputs]
+        y = self.forward(*[t.data for t in tensors])
+        out = Tensor(y)
+        if _grad_enabled and any(t.requires_grad or t.creator is not None for t in tensors):
+            self.inputs = tensors
+            out.creator = self
+        return out
+
+    def forward(self, *xs):
+        raise NotImplementedError
+
+    def backward(self, gy):
+        raise NotImplementedError
+
+    def release(self):
+        """Drop the saved arrays once backward has run (frees activations)."""
+        self.__dict__.clear()
+        self.inputs = ()
+
+
+def as_tensor(x):
+    return x if isinstance(x, Tensor) else Tensor(x)

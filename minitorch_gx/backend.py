@@ -1,0 +1,96 @@
+"""NumPy or CuPy: the one place that decides.
+
+Every op asks ``xp = get_array_module(x)`` and then writes ``xp.sum``,
+``xp.matmul`` ... so the same code runs on host and device arrays. This is the
+only module that imports ``cupy``; everything else imports and tests on a
+machine without a GPU.
+
+Ops that have a fast path (a blocked NumPy formulation, or one of our CUDA
+kernels) also keep a plain reference version that is the specification.
+``implementation("reference")`` forces the reference everywhere, which is how
+the tests compare the two.
+"""
+import contextlib
+
+import numpy
+
+try:  # CuPy is optional: import errors of any kind mean "no GPU backend".
+    import cupy
+    import cupyx
+except Exception:  # pragma: no cover - depends on the machine
+    cupy = None
+    cupyx = None
+
+
+def get_array_module(*arrays):
+    """Return ``cupy`` if any argument is a CuPy array, else ``numpy``."""
+    if cupy is not None:
+        for a in arrays:
+            if isinstance(a, cupy.ndarray):
+                return cupy
+    return numpy
+
+
+def gpu_available():
+    """True when CuPy imports and sees at least one usable CUDA device."""
+    if cupy is None:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def to_numpy(a):
+    """Copy a device array to the host; host arrays pass through."""
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return cupy.asnumpy(a)
+    return numpy.asarray(a)
+
+
+def to_device(a, device):
+    """Move an array to ``device``: "cpu" or "gpu"/"cuda" (the current GPU)."""
+    device = normalize_device(device)
+    if device == "cpu":
+        return to_numpy(a)
+    if not gpu_available():
+        raise RuntimeError("a GPU was asked for but no usable CUDA device (or CuPy) was found")
+    return cupy.asarray(a)
+
+
+def normalize_device(device):
+    """Map the spellings users write ("GPU", "cuda", "cuda:0", "CPU") to "gpu" or "cpu"."""
+    d = str(device).lower()
+    if d == "cpu":
+        return "cpu"
+    if d in ("gpu", "cuda") or d.startswith("cuda:"):
+        return "gpu"
+    raise ValueError(f"unknown device {device!r}: use 'cpu' or 'gpu'")
+
+
+def device_of(a):
+    return "gpu" if get_array_module(a) is not numpy else "cpu"
+
+
+# --------------------------------------------------------------------------
+# Which implementation of an op runs: "fast" (the default) or "reference".
+# --------------------------------------------------------------------------
+_implementation = "fast"
+
+
+def use_reference():
+    """True while ``implementation("reference")`` is in force."""
+    return _implementation == "reference"
+
+
+@contextlib.contextmanager
+def implementation(name):
+    """Force every op to its ``"reference"`` or ``"fast"`` path inside the block."""
+    global _implementation
+    if name not in ("fast", "reference"):
+        raise ValueError(f"implementation must be 'fast' or 'reference', not {name!r}")
+    previous, _implementation = _implementation, name
+    try:
+        yield
+    finally:
+        _implementation = previous
