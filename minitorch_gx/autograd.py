@@ -48,7 +48,9 @@ class Tensor:
         if isinstance(data, Tensor):
             data = data.data
         xp = backend.get_array_module(data)
-        if not isinstance(data, xp.ndarray):
+        if isinstance(data, numpy.generic):  # a NumPy scalar keeps its dtype
+            data = numpy.asarray(data)
+        elif not isinstance(data, xp.ndarray):
             # Python numbers and lists become float32 arrays, as in PyTorch.
             data = numpy.asarray(data)
             if data.dtype == numpy.float64:
@@ -117,6 +119,16 @@ class Tensor:
     def __sub__(self, other):
         from .functions_basic import add, mul
         return add(self, mul(other, -1.0))
+
+    def __rsub__(self, other):
+        from .functions_basic import add, mul
+        return add(mul(self, -1.0), other)
+
+    def __truediv__(self, other):
+        from .functions_basic import mul
+        if not isinstance(other, (int, float)):
+            raise TypeError("Tensor / x is defined for a Python number x only")
+        return mul(self, 1.0 / other)
 
     def __matmul__(self, other):
         from .functions_basic import matmul
@@ -213,7 +225,18 @@ def run_backward(output, grad):
                 pending[id(t)] = pending.get(id(t), 0) + 1
     grads = {id(output.creator): grad}  # upstream gradient of each Function's output
     for f in reversed(order):
-        gy = grads.pop(id(f))
+        if f.released:
+            raise RuntimeError("backward() through a graph a second time: the arrays it "
+                               "needs were freed by the first backward()")
+        gy = grads.pop(id(f), None)
+        if gy is None:  # every consumer of f's output returned None: nothing flows back
+            for t in f.inputs:
+                if t.creator is None and t.requires_grad:
+                    pending[id(t)] -= 1
+                    if pending[id(t)] == 0:
+                        _fire_hooks(t)
+            f.release()
+            continue
         gxs = f.backward(gy)
         if not isinstance(gxs, tuple):
             gxs = (gxs,)
@@ -260,10 +283,13 @@ class Function:
     def backward(self, gy):
         raise NotImplementedError
 
+    released = False
+
     def release(self):
         """Drop the saved arrays once backward has run (frees activations)."""
         self.__dict__.clear()
         self.inputs = ()
+        self.released = True
 
 
 def as_tensor(x):

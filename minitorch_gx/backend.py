@@ -94,3 +94,15 @@ def implementation(name):
         yield
     finally:
         _implementation = previous
+
+
+def nccl():
+    """CuPy's NCCL binding (``cupy.cuda.nccl``), or None when it is missing.
+    ``import cupy`` does not load it, so it is imported here on demand."""
+    if cupy is None:
+        return None
+    try:
+        import importlib
+        return importlib.import_module("cupy.cuda.nccl")
+    except Exception:
+        return None
