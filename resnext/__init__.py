@@ -1,0 +1,1 @@
+"""resnext: train and evaluate ResNeXt50_32x4d with minitorch_gx."""
