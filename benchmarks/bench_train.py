@@ -1,0 +1,122 @@
+"""Training throughput of resnext50_32x4d: minitorch_gx against PyTorch, same run.
+
+    python benchmarks/bench_train.py                     # CPU, batch 16, 224x224
+    python benchmarks/bench_train.py --batch 32 --image_size 64
+    python benchmarks/bench_train.py --device gpu --batch 128
+
+A step is forward, label-smoothed cross-entropy, backward and an SGD step. The
+figure is the median img/s over --steps timed steps after --warmup untimed
+ones. When torch and torchvision import, torchvision's resnext50_32x4d runs
+the same steps on the same input (float32, TF32 off on the GPU so both sides
+do float32 arithmetic) and the ratio ours/PyTorch is printed.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import minitorch_gx as mt  # noqa: E402
+from minitorch_gx import backend  # noqa: E402
+from minitorch_gx.functional import cross_entropy  # noqa: E402
+from minitorch_gx.optim import SGD  # noqa: E402
+from resnext.model import build_model  # noqa: E402
+from resnext.trainer import param_groups  # noqa: E402
+
+
+def time_steps(step, warmup, steps, sync=lambda: None):
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_ours(args, x_host, labels_host):
+    xp = backend.cupy if args.device == "gpu" else numpy
+    model = build_model(args.arch, 1000, seed=0)
+    if args.device == "gpu":
+        model.to("gpu")
+    model.train()
+    opt = SGD(param_groups(model, 1e-4), lr=0.01, momentum=0.9)
+    x, labels = mt.Tensor(xp.asarray(x_host)), xp.asarray(labels_host)
+
+    def step():
+        opt.zero_grad()
+        loss = cross_entropy(model(x), labels, label_smoothing=0.1)
+        loss.backward()
+        opt.step()
+
+    sync = (lambda: xp.cuda.Device().synchronize()) if args.device == "gpu" else (lambda: None)
+    return time_steps(step, args.warmup, args.steps, sync)
+
+
+def bench_torch(args, x_host, labels_host):
+    try:
+        import torch
+        import torchvision
+    except ImportError:
+        return None
+    dev = "cuda" if args.device == "gpu" else "cpu"
+    if dev == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    model = torchvision.models.resnext50_32x4d().to(dev).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.from_numpy(x_host).to(dev)
+    labels = torch.from_numpy(labels_host).to(dev)
+    lossf = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step():
+        opt.zero_grad()
+        lossf(model(x), labels).backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    return time_steps(step, args.warmup, args.steps, sync)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--arch", default="resnext50_32x4d")
+    p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    args = p.parse_args()
+    if args.device == "gpu" and not backend.gpu_available():
+        sys.exit("error: --device gpu but no usable CUDA device (or CuPy)")
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(numpy.float32)
+    labels = rng.integers(0, 1000, args.batch).astype(numpy.int64)
+    print(f"resnext50_32x4d training step, {args.device}, batch {args.batch}, "
+          f"{args.image_size}x{args.image_size}, float32, median of {args.steps} steps "
+          f"after {args.warmup} warm-up")
+    ours = bench_ours(args, x, labels)
+    ours_rate = args.batch / statistics.median(ours)
+    print(f"minitorch_gx: {ours_rate:8.2f} img/s  (step {statistics.median(ours) * 1000:.0f} ms; "
+          f"all steps ms: {[round(t * 1000) for t in ours]})")
+    theirs = None if args.no_torch else bench_torch(args, x, labels)
+    if theirs is None:
+        print("PyTorch:      not measured (torch/torchvision not importable or --no_torch)")
+        return
+    torch_rate = args.batch / statistics.median(theirs)
+    print(f"PyTorch:      {torch_rate:8.2f} img/s  (step {statistics.median(theirs) * 1000:.0f} ms; "
+          f"all steps ms: {[round(t * 1000) for t in theirs]})")
+    print(f"ratio minitorch_gx / PyTorch: {ours_rate / torch_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()

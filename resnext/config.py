@@ -1,0 +1,100 @@
+"""Command-line flags of train.py and eval.py, named as in the original
+MindSpore ResNeXt code, with the recipe's defaults (../shared/RECIPE.md).
+
+When no --data_path is given, train.py runs the embedded demo: a small
+generated dataset and settings sized to finish in minutes on a CPU. Any flag
+given explicitly still wins.
+"""
+import argparse
+import os
+
+RECIPE = dict(arch="resnext50_32x4d", per_batch_size=128, lr=0.4, max_epoch=150,
+              warmup_epochs=1, image_size=224, ckpt_interval=5)
+DEMO = dict(arch="resnext_mini", per_batch_size=32, lr=0.2, max_epoch=12,
+            warmup_epochs=1, image_size=48, ckpt_interval=4)
+DEFAULT_OUTPUT = "outputs"
+
+
+def str2bool(value):
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {value!r}")
+
+
+def device_flag(value):
+    v = str(value).strip().lower()
+    if v in ("gpu", "cuda"):
+        return "GPU"
+    if v == "cpu":
+        return "CPU"
+    raise argparse.ArgumentTypeError(f"--device_target must be GPU or CPU, got {value!r}")
+
+
+def _common(p):
+    p.add_argument("--device_target", type=device_flag, default=None,
+                   help="GPU or CPU (default: GPU when a usable CUDA device is present)")
+    p.add_argument("--run_distribute", type=str2bool, default=False,
+                   help="1 under mpirun: one process per GPU, gradients averaged")
+    p.add_argument("--data_path", default=None,
+                   help="ImageNet-layout folder (<wnid>/*.JPEG); default: the embedded demo data")
+    p.add_argument("--per_batch_size", type=int, default=None, help="batch size per process")
+    p.add_argument("--image_size", type=int, default=None, help="crop size (224)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading worker processes (0: decode in the main process)")
+    p.add_argument("--arch", default=None, choices=["resnext50_32x4d", "resnext_mini"],
+                   help="model (resnext50_32x4d; resnext_mini is the demo's reduced width)")
+    p.add_argument("--seed", type=int, default=1)
+
+
+def train_parser():
+    p = argparse.ArgumentParser(
+        description="Train ResNeXt50_32x4d (the original's flags and defaults).")
+    _common(p)
+    p.add_argument("--output_path", default=DEFAULT_OUTPUT, help="where run folders are made")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (0.4)")
+    p.add_argument("--max_epoch", type=int, default=None, help="epochs (150)")
+    p.add_argument("--warmup_epochs", type=float, default=None, help="linear warm-up epochs (1)")
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--label_smooth_factor", type=float, default=0.1)
+    p.add_argument("--ckpt_interval", type=int, default=None, help="save every N epochs (5)")
+    p.add_argument("--ckpt_save_max", type=int, default=5, help="keep the newest N checkpoints")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue a run from this checkpoint (weights, optimizer, epoch, step)")
+    p.add_argument("--checkpoint_file_path", default=None, metavar="WEIGHTS",
+                   help="warm start from weights (.ckpt, .npz or .pth); optimizer starts fresh")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random data made on the device: measures training throughput alone")
+    p.add_argument("--steps_per_epoch", type=int, default=None,
+                   help="cap the steps of an epoch (default: the whole shard; synthetic: 50)")
+    p.add_argument("--zero_init_residual", type=str2bool, default=True,
+                   help="start the last BN gamma of each block at 0 (the original does)")
+    p.add_argument("--log_interval", type=int, default=20, help="steps between plain log lines")
+    return p
+
+
+def eval_parser():
+    p = argparse.ArgumentParser(description="Evaluate ResNeXt checkpoints (top-1 / top-5).")
+    _common(p)
+    p.add_argument("--checkpoint_file_path", default=None,
+                   help="a checkpoint or weights file, or a folder whose checkpoints are all "
+                        "evaluated newest epoch first (default: the newest demo run)")
+    p.add_argument("--eval_resize", choices=["square", "shorter"], default="square",
+                   help="square: the original's 256x256 resize; shorter: torchvision's "
+                        "shorter side to 256 (use it for torchvision's weights)")
+    p.add_argument("--output_path", default=DEFAULT_OUTPUT,
+                   help="where to look for the newest run when no checkpoint is given")
+    return p
+
+
+def fill_defaults(args):
+    """Recipe defaults with real data, demo defaults without; explicit flags win."""
+    table = DEMO if args.data_path is None and not getattr(args, "synthetic", False) else RECIPE
+    for key, value in table.items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
+    args.demo = args.data_path is None and not getattr(args, "synthetic", False)
+    return args
