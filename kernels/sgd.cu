@@ -1,0 +1,51 @@
+// sgd.cu -- one launch updates every parameter of the model: SGD with
+// momentum and weight decay, PyTorch's rule (dampening 0, not Nesterov).
+//
+// Legend: n elements in the flat buffers p (parameters), g (gradients), buf
+// (momentum); the parameters are laid out as G contiguous parameter groups,
+// group i holding elements [group_end[i-1], group_end[i]) (group_end[-1] = 0)
+// with its own lr[i], wd[i] (weight decay; 0 for batch-norm parameters and
+// biases in the ResNeXt recipe) and momentum[i].
+//
+//   d   = g + wd * p
+//   buf = momentum * buf + d        (buf starts at 0, so the first step stores d)
+//   p   = p - lr * buf
+// With momentum 0 there is no buffer: p = p - lr * d, buf is left alone.
+//
+// Threads: a grid-stride loop, one element per thread per iteration; each
+// element finds its group by binary search in group_end (a handful of cached
+// loads). Launch: grid (min(ceil(n / SGD_THREADS), 4096)), block (SGD_THREADS, or fewer).
+// Launcher: cuda_kernels.sgd_momentum_update.
+
+#ifndef REAL
+#define REAL float
+#endif
+typedef REAL real;
+
+#ifndef SGD_THREADS
+#define SGD_THREADS 256
+#endif
+
+extern "C" __global__ void __launch_bounds__(SGD_THREADS)
+sgd_momentum_update(real* __restrict__ p, const real* __restrict__ g, real* __restrict__ buf,
+                    const long long* __restrict__ group_end, const float* __restrict__ lr,
+                    const float* __restrict__ wd, const float* __restrict__ momentum,
+                    int groups, long long n) {
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        // the first group whose end lies past i
+        int lo = 0, hi = groups - 1;
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            if (group_end[mid] > i) hi = mid; else lo = mid + 1;
+        }
+        real pv = p[i];
+        real d = g[i] + (real)wd[lo] * pv;
+        real mom = (real)momentum[lo];
+        if (mom != 0) {
+            d = mom * buf[i] + d;
+            buf[i] = d;
+        }
+        p[i] = pv - (real)lr[lo] * d;
+    }
+}

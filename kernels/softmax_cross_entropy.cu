@@ -1,0 +1,78 @@
+// softmax_cross_entropy.cu -- softmax and cross-entropy with label smoothing
+// in one pass over the logits (CuPy would spend one kernel each on max,
+// subtract, exp, sum, log, gather and the smoothing sum).
+//
+// Legend: logits z (N, K), labels (N,) int64 in [0, K); the target puts `on`
+// on the true class and `off` on every other (functions_loss.py: on = 1 - eps,
+// off = eps / (K - 1); on = 1, off = 0 without smoothing), on + (K-1)*off = 1.
+//   lse_i  = log sum_k exp(z_ik)                     (computed as m + log sum exp(z - m))
+//   loss_i = -sum_k t_ik (z_ik - lse_i) = lse_i - (on - off) * z_{i,y_i} - off * sum_k z_ik
+//   gz_ik  = (exp(z_ik - lse_i) - t_ik) * gloss_i
+//
+// Threads: forward, one block per row: the block reduces the row's max, then
+// sum exp and sum z (shuffles within warps, shared memory across them).
+// Backward, one thread per element. Launch: forward grid (N), block
+// (XENT_THREADS); backward grid (ceil(K / XENT_THREADS), N), block (XENT_THREADS).
+// Launchers: cuda_kernels.softmax_cross_entropy_forward / _backward.
+
+#ifndef REAL
+#define REAL float
+#endif
+typedef REAL real;
+
+#ifndef XENT_THREADS
+#define XENT_THREADS 256   // a multiple of 32, at most 1024
+#endif
+#define NWARPS (XENT_THREADS / 32)
+
+// Sum (or max) of v over the block; every thread gets the result.
+template <bool MAX>
+__device__ real block_reduce(real v, real* scratch) {
+    for (int off = 16; off > 0; off /= 2) {
+        real o = __shfl_down_sync(0xffffffffu, v, off);
+        v = MAX ? (o > v ? o : v) : v + o;
+    }
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    real r = scratch[0];
+    for (int w = 1; w < blockDim.x / 32; ++w)
+        r = MAX ? (scratch[w] > r ? scratch[w] : r) : r + scratch[w];
+    __syncthreads();  // scratch is reused by the next reduction
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(XENT_THREADS)
+softmax_xent_fwd(const real* __restrict__ z, const long long* __restrict__ labels,
+                 real* __restrict__ loss, real* __restrict__ lse, int N, int K, real on,
+                 real off) {
+    __shared__ real scratch[NWARPS];
+    if (blockDim.x > XENT_THREADS || blockDim.x % 32) __trap();  // scratch: XENT_THREADS / 32
+    const int i = blockIdx.x;
+    const real* row = z + (long long)i * K;
+    real m = -__int_as_float(0x7f800000);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) m = row[k] > m ? row[k] : m;
+    m = block_reduce<true>(m, scratch);
+    real se = 0, sz = 0;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        se += exp(row[k] - m);
+        sz += row[k];
+    }
+    se = block_reduce<false>(se, scratch);
+    sz = block_reduce<false>(sz, scratch);
+    if (threadIdx.x == 0) {
+        real l = m + log(se);
+        lse[i] = l;
+        loss[i] = l - (on - off) * row[labels[i]] - off * sz;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(XENT_THREADS)
+softmax_xent_bwd(const real* __restrict__ z, const long long* __restrict__ labels,
+                 const real* __restrict__ lse, const real* __restrict__ gloss,
+                 real* __restrict__ gz, int N, int K, real on, real off) {
+    const int i = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= K) return;
+    long long e = (long long)i * K + k;
+    real target = k == labels[i] ? on : off;
+    gz[e] = (exp(z[e] - lse[i]) - target) * gloss[i];
+}
