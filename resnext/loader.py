@@ -56,8 +56,9 @@ _POLL_S = 1.0  # how often blocked processes check that their peers are still al
 class _Recipe:
     """What a worker needs to produce samples; pickled once per worker."""
 
-    def __init__(self, samples, train, image_size, seed, eval_resize):
+    def __init__(self, samples, train, image_size, seed, eval_resize, crop_scale=(0.08, 1.0)):
         self.samples = samples
+        self.crop_scale = crop_scale
         self.train = train
         self.image_size = image_size
         self.seed = seed
@@ -77,7 +78,8 @@ def load_sample(recipe, index, epoch):
         try:
             if recipe.train:
                 rng = np.random.default_rng((recipe.seed, epoch, index, attempt))
-                image = transforms.train_augment(path, recipe.image_size, rng)
+                image = transforms.train_augment(path, recipe.image_size, rng,
+                                                 scale=recipe.crop_scale)
             else:
                 image = transforms.resize_center_crop(path, recipe.image_size, mode=recipe.eval_resize)
             return image, label, bad
@@ -257,6 +259,7 @@ class Loader:
     num_workers: worker processes; 0 decodes in this process. Default: see
                  ``default_num_workers``.
     eval_resize: "square" (the original code) or "shorter" (torchvision).
+    crop_scale:  the area fraction range of the training random resized crop.
     prefetch:    batches prepared ahead of the consumer (each one buffer of
                  B*S*S*3 bytes in /dev/shm).
     copy:        True yields batches you may keep; False yields views into the
@@ -271,7 +274,7 @@ class Loader:
 
     def __init__(self, dataset, batch_size, train, image_size=224, num_workers=None, seed=0,
                  rank=0, world_size=1, eval_resize="square", prefetch=2, copy=True,
-                 start_method=None):
+                 start_method=None, crop_scale=(0.08, 1.0)):
         samples = list(getattr(dataset, "samples", dataset))
         if not samples:
             raise DataError("the loader got an empty dataset")
@@ -280,7 +283,8 @@ class Loader:
         if eval_resize not in ("square", "shorter"):
             raise ValueError(f"eval_resize must be 'square' or 'shorter', got {eval_resize!r}")
         shard(samples, rank, world_size)  # validates rank / world_size
-        self.recipe = _Recipe(samples, bool(train), int(image_size), int(seed), eval_resize)
+        self.recipe = _Recipe(samples, bool(train), int(image_size), int(seed), eval_resize,
+                              tuple(crop_scale))
         self.batch_size = int(batch_size)
         self.train = bool(train)
         self.rank, self.world_size = rank, world_size

@@ -87,7 +87,8 @@ class Run:
         self.num_classes = len(dataset.classes)
         self.loader = Loader(dataset, batch_size=a.per_batch_size, train=True,
                              image_size=a.image_size, num_workers=a.num_workers, seed=a.seed,
-                             rank=self.rank, world_size=self.world)
+                             rank=self.rank, world_size=self.world,
+                             crop_scale=(a.min_crop_scale, 1.0))
         if len(self.loader) == 0:
             raise UserError(f"{root}: {len(dataset.samples)} images are too few for one batch of "
                             f"{a.per_batch_size} per process on {self.world} process(es)")

@@ -154,9 +154,10 @@ def color_jitter(image, rng, brightness=0.4, contrast=0.4, saturation=0.4):
     return adjust_colors(image, jitter_params(rng, brightness, contrast, saturation))
 
 
-def train_augment(src, size, rng, draft=True):
-    """The training recipe: random resized crop, flip p=0.5, colour jitter 0.4. uint8 (size, size, 3)."""
-    image = random_resized_crop(src, size, rng, draft=draft)
+def train_augment(src, size, rng, draft=True, scale=(0.08, 1.0)):
+    """The training recipe: random resized crop (area fraction ``scale``), flip
+    p=0.5, colour jitter 0.4. uint8 (size, size, 3)."""
+    image = random_resized_crop(src, size, rng, scale=scale, draft=draft)
     image = horizontal_flip(image, rng)
     return color_jitter(image, rng)
 
