@@ -1,4 +1,4 @@
-"""Training throughput of resnext50_32x4d: minitorch_gx against PyTorch, same run.
+"""Training throughput of resnext50_32x4d: minitorch_gx against PyTorch, in the same run.
 
     python benchmarks/bench_train.py                     # CPU, batch 16, 224x224
     python benchmarks/bench_train.py --batch 32 --image_size 64
@@ -101,16 +101,18 @@ def main():
     rng = numpy.random.default_rng(0)
     x = rng.standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(numpy.float32)
     labels = rng.integers(0, 1000, args.batch).astype(numpy.int64)
-    print(f"resnext50_32x4d training step, {args.device}, batch {args.batch}, "
+    print(f"{args.arch} training step, {args.device}, batch {args.batch}, "
           f"{args.image_size}x{args.image_size}, float32, median of {args.steps} steps "
           f"after {args.warmup} warm-up")
     ours = bench_ours(args, x, labels)
     ours_rate = args.batch / statistics.median(ours)
     print(f"minitorch_gx: {ours_rate:8.2f} img/s  (step {statistics.median(ours) * 1000:.0f} ms; "
           f"all steps ms: {[round(t * 1000) for t in ours]})")
-    theirs = None if args.no_torch else bench_torch(args, x, labels)
+    compare = not args.no_torch and args.arch == "resnext50_32x4d"
+    theirs = bench_torch(args, x, labels) if compare else None
     if theirs is None:
-        print("PyTorch:      not measured (torch/torchvision not importable or --no_torch)")
+        print("PyTorch:      not measured (torch/torchvision not importable, --no_torch, "
+              "or an --arch torchvision lacks)")
         return
     torch_rate = args.batch / statistics.median(theirs)
     print(f"PyTorch:      {torch_rate:8.2f} img/s  (step {statistics.median(theirs) * 1000:.0f} ms; "

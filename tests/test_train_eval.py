@@ -174,3 +174,14 @@ def test_gpu_without_a_gpu_is_a_clear_error(tmp_path):
                    "--output_path", str(tmp_path))
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1 and "GPU" in r.stderr
+
+
+def test_synthetic_mode_trains_without_data(tmp_path):
+    out = tmp_path / "out"
+    assert trainer.main(["--synthetic", "--output_path", str(out), "--max_epoch", "1",
+                         "--steps_per_epoch", "2", "--ckpt_interval", "1"] + TINY) == 0
+    run = only_run(out)
+    assert os.listdir(os.path.join(run, "ckpt_0")) and \
+        sorted(os.listdir(os.path.join(run, "ckpt_0")))[0] == "0-1_2.ckpt"
+    state, _, meta = ckpt.load_checkpoint(os.path.join(run, "ckpt_0", "0-1_2.ckpt"))
+    assert state["fc.weight"].shape[0] == 1000 and meta["global_step"] == 2
