@@ -5,7 +5,8 @@
 // (momentum); the parameters are laid out as G contiguous parameter groups,
 // group i holding elements [group_end[i-1], group_end[i]) (group_end[-1] = 0)
 // with its own lr[i], wd[i] (weight decay; 0 for batch-norm parameters and
-// biases in the ResNeXt recipe) and momentum[i].
+// biases in the ResNeXt recipe) and momentum[i], held in the parameters' own
+// type so that a float64 model is updated in float64 throughout.
 //
 //   d   = g + wd * p
 //   buf = momentum * buf + d        (buf starts at 0, so the first step stores d)
@@ -28,8 +29,8 @@ typedef REAL real;
 
 extern "C" __global__ void __launch_bounds__(SGD_THREADS)
 sgd_momentum_update(real* __restrict__ p, const real* __restrict__ g, real* __restrict__ buf,
-                    const long long* __restrict__ group_end, const float* __restrict__ lr,
-                    const float* __restrict__ wd, const float* __restrict__ momentum,
+                    const long long* __restrict__ group_end, const real* __restrict__ lr,
+                    const real* __restrict__ wd, const real* __restrict__ momentum,
                     int groups, long long n) {
     const long long step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
@@ -40,12 +41,12 @@ sgd_momentum_update(real* __restrict__ p, const real* __restrict__ g, real* __re
             if (group_end[mid] > i) hi = mid; else lo = mid + 1;
         }
         real pv = p[i];
-        real d = g[i] + (real)wd[lo] * pv;
-        real mom = (real)momentum[lo];
+        real d = g[i] + wd[lo] * pv;
+        real mom = momentum[lo];
         if (mom != 0) {
             d = mom * buf[i] + d;
             buf[i] = d;
         }
-        p[i] = pv - (real)lr[lo] * d;
+        p[i] = pv - lr[lo] * d;
     }
 }

@@ -96,6 +96,31 @@ def implementation(name):
         _implementation = previous
 
 
+# --------------------------------------------------------------------------
+# Whether an op calls its CUDA kernel: on CuPy arrays, or on NumPy arrays
+# inside ``emulate_kernels()``, where the kernels run on the CPU emulator.
+# --------------------------------------------------------------------------
+_emulate = False
+
+
+def use_kernels(xp):
+    """True when an op given ``xp`` arrays should call its CUDA launcher."""
+    return not use_reference() and (xp is not numpy or _emulate)
+
+
+@contextlib.contextmanager
+def emulate_kernels():
+    """Run the CUDA kernels on NumPy arrays through the CPU emulator
+    (``minitorch_gx.cuda_emu``), so that the ops' whole GPU path -- launchers,
+    argument order, saved state -- is exercised without a GPU. Slow."""
+    global _emulate
+    previous, _emulate = _emulate, True
+    try:
+        yield
+    finally:
+        _emulate = previous
+
+
 def nccl():
     """CuPy's NCCL binding (``cupy.cuda.nccl``), or None when it is missing.
     ``import cupy`` does not load it, so it is imported here on demand."""

@@ -279,7 +279,8 @@ def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta):
 
     p, g, buf: flat (n,) arrays of one dtype. group_end: int64 (G,), the end
     offset of each contiguous parameter group (the last is n). lrs, wds,
-    momenta: float32 (G,), each group's learning rate, weight decay, momentum.
+    momenta: (G,) each group's learning rate, weight decay, momentum (cast to
+    the parameters' dtype).
     """
     dev, dtype = device_for(p), p.dtype
     n = p.size
@@ -287,7 +288,7 @@ def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta):
         raise ValueError(f"sgd: p, g and buf must have the same size, got {n}, {g.size}, "
                          f"{buf.size}")
     group_end = dev.input(group_end, numpy.int64)
-    lrs, wds, momenta = (dev.input(v, numpy.float32) for v in (lrs, wds, momenta))
+    lrs, wds, momenta = (dev.input(v, dtype) for v in (lrs, wds, momenta))
     groups = group_end.size
     if groups < 1 or not lrs.size == wds.size == momenta.size == groups:
         raise ValueError("sgd: group_end, lrs, wds and momenta need one entry per group")

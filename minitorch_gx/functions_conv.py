@@ -395,7 +395,7 @@ def conv2d_forward(x, W, stride, padding, groups):
     """y (N, K, P, Q) from x (N, C, H, W) and W (K, C/groups, R, S); no bias."""
     if backend.use_reference():
         return conv2d_forward_reference(x, W, stride, padding, groups)
-    if backend.get_array_module(x) is not numpy and gpu_impl is not None:
+    if gpu_impl is not None and backend.use_kernels(backend.get_array_module(x)):
         return gpu_impl.conv2d_forward(x, W, stride, padding, groups)
     return _forward_fast(x, W, stride, padding, groups)
 
@@ -404,7 +404,7 @@ def conv2d_backward_data(gy, W, x_shape, stride, padding, groups):
     """gx (N, C, H, W) from gy (N, K, P, Q) and W."""
     if backend.use_reference():
         return conv2d_backward_data_reference(gy, W, x_shape, stride, padding, groups)
-    if backend.get_array_module(gy) is not numpy and gpu_impl is not None:
+    if gpu_impl is not None and backend.use_kernels(backend.get_array_module(gy)):
         return gpu_impl.conv2d_backward_data(gy, W, x_shape, stride, padding, groups)
     return _backward_data_fast(gy, W, x_shape, stride, padding, groups)
 
@@ -413,7 +413,7 @@ def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups):
     """gW (K, C/groups, R, S) from gy (N, K, P, Q) and x."""
     if backend.use_reference():
         return conv2d_backward_weight_reference(gy, x, W_shape, stride, padding, groups)
-    if backend.get_array_module(gy) is not numpy and gpu_impl is not None:
+    if gpu_impl is not None and backend.use_kernels(backend.get_array_module(gy)):
         return gpu_impl.conv2d_backward_weight(gy, x, W_shape, stride, padding, groups)
     return _backward_weight_fast(gy, x, W_shape, stride, padding, groups)
 

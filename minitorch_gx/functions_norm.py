@@ -180,7 +180,7 @@ def _infer_backward_fast(gy, x, y, gamma, running_mean, running_var, eps, relu):
 def _choose(x, name, fast):
     if backend.use_reference():
         return globals()[name + "_reference"]
-    if gpu_impl is not None and backend.get_array_module(x) is not numpy:
+    if gpu_impl is not None and backend.use_kernels(backend.get_array_module(x)):
         return getattr(gpu_impl, name)
     return fast
 

@@ -127,7 +127,7 @@ class SGD:
     def step(self):
         self._gather_grads()
         xp = backend.get_array_module(self.flat_params)
-        if not backend.use_reference() and xp is not numpy and gpu_impl is not None:
+        if gpu_impl is not None and backend.use_kernels(xp):
             gpu_impl.sgd_momentum_update(self.flat_params, self.flat_grads, self.flat_momentum,
                                          *self._group_arrays(xp))
             return
@@ -141,10 +141,11 @@ class SGD:
 
     def _group_arrays(self, xp):
         """Per-group end offsets and scalars, as the fused CUDA kernel takes them."""
+        dtype = self.flat_params.dtype
         ends = xp.asarray([end for _, end in self._slices], dtype=xp.int64)
-        lrs = xp.asarray([g["lr"] for g in self.param_groups], dtype=xp.float32)
-        wds = xp.asarray([g["weight_decay"] for g in self.param_groups], dtype=xp.float32)
-        moms = xp.asarray([g["momentum"] for g in self.param_groups], dtype=xp.float32)
+        lrs = xp.asarray([g["lr"] for g in self.param_groups], dtype=dtype)
+        wds = xp.asarray([g["weight_decay"] for g in self.param_groups], dtype=dtype)
+        moms = xp.asarray([g["momentum"] for g in self.param_groups], dtype=dtype)
         return ends, lrs, wds, moms
 
     # -- state -----------------------------------------------------------
