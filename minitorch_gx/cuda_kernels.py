@@ -278,7 +278,8 @@ def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta):
     """One fused SGD step over flat buffers, in place on p and buf.
 
     p, g, buf: flat (n,) arrays of one dtype. group_end: int64 (G,), the end
-    offset of each contiguous parameter group (the last is n). lrs, wds,
+    offset of each contiguous parameter group (the last is n); pass the small
+    per-group tables as NumPy arrays, they are copied to the device. lrs, wds,
     momenta: (G,) each group's learning rate, weight decay, momentum (cast to
     the parameters' dtype).
     """
@@ -287,13 +288,14 @@ def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta):
     if g.size != n or buf.size != n:
         raise ValueError(f"sgd: p, g and buf must have the same size, got {n}, {g.size}, "
                          f"{buf.size}")
+    groups = len(group_end)
+    if groups < 1 or not len(lrs) == len(wds) == len(momenta) == groups:
+        raise ValueError("sgd: group_end, lrs, wds and momenta need one entry per group")
+    if isinstance(group_end, numpy.ndarray) and int(group_end[-1]) != n:
+        # checked on the host only: reading a device array back would stall every step
+        raise ValueError(f"sgd: the last group ends at {int(group_end[-1])}, the buffers hold {n}")
     group_end = dev.input(group_end, numpy.int64)
     lrs, wds, momenta = (dev.input(v, dtype) for v in (lrs, wds, momenta))
-    groups = group_end.size
-    if groups < 1 or not lrs.size == wds.size == momenta.size == groups:
-        raise ValueError("sgd: group_end, lrs, wds and momenta need one entry per group")
-    if int(group_end[-1]) != n:
-        raise ValueError(f"sgd: the last group ends at {int(group_end[-1])}, the buffers hold {n}")
     pp, bb = _inplace(dev, p, dtype, "p"), _inplace(dev, buf, dtype, "buf")
     g = dev.input(g, dtype)
     threads = LAUNCH["SGD_THREADS"]

@@ -129,7 +129,7 @@ class SGD:
         xp = backend.get_array_module(self.flat_params)
         if gpu_impl is not None and backend.use_kernels(xp):
             gpu_impl.sgd_momentum_update(self.flat_params, self.flat_grads, self.flat_momentum,
-                                         *self._group_arrays(xp))
+                                         *self._group_arrays())
             return
         for group, (start, end) in zip(self.param_groups, self._slices):
             p, g, buf = (a[start:end] for a in (self.flat_params, self.flat_grads, self.flat_momentum))
@@ -139,13 +139,14 @@ class SGD:
                 _sgd_update_fast(p, g, buf, group["lr"], group["momentum"], group["weight_decay"],
                                  self._scratch[start:end])
 
-    def _group_arrays(self, xp):
-        """Per-group end offsets and scalars, as the fused CUDA kernel takes them."""
+    def _group_arrays(self):
+        """Per-group end offsets and scalars, as the fused CUDA kernel takes
+        them (host arrays: a few bytes copied per step, no device read-back)."""
         dtype = self.flat_params.dtype
-        ends = xp.asarray([end for _, end in self._slices], dtype=xp.int64)
-        lrs = xp.asarray([g["lr"] for g in self.param_groups], dtype=dtype)
-        wds = xp.asarray([g["weight_decay"] for g in self.param_groups], dtype=dtype)
-        moms = xp.asarray([g["momentum"] for g in self.param_groups], dtype=dtype)
+        ends = numpy.asarray([end for _, end in self._slices], dtype=numpy.int64)
+        lrs = numpy.asarray([g["lr"] for g in self.param_groups], dtype=dtype)
+        wds = numpy.asarray([g["weight_decay"] for g in self.param_groups], dtype=dtype)
+        moms = numpy.asarray([g["momentum"] for g in self.param_groups], dtype=dtype)
         return ends, lrs, wds, moms
 
     # -- state -----------------------------------------------------------
