@@ -13,6 +13,7 @@ from minitorch_gx.functional import topk_correct
 
 from . import checkpoint as ckpt
 from .config import DEFAULT_OUTPUT
+from .loader import IGNORE
 from .model import build_model
 from .runtime import UserError, choose_device, process_group, setup_logger
 
@@ -64,6 +65,11 @@ def evaluate(model, loader, xp, group):
     start = time.perf_counter()
     with mt.no_grad():
         for images, labels in loader:
+            keep = labels != IGNORE  # rows of unreadable images are not scored
+            if not keep.all():
+                images, labels = images[keep], labels[keep]
+                if len(labels) == 0:
+                    continue
             x = mt.Tensor(normalize(xp.asarray(images), xp, numpy.float32))
             logits = model(x)
             labels = xp.asarray(labels)
@@ -113,6 +119,9 @@ def main(argv=None):
         log.info(f"Inference Performance: {rate:.2f} img/sec")
         log.info(f"top1_correct={top1}, tot={total}, acc={100.0 * top1 / total:.2f}%(TOP1)")
         log.info(f"top5_correct={top5}, tot={total}, acc={100.0 * top5 / total:.2f}%(TOP5)")
+        if loader.corrupt_count:
+            log.warning(f"{loader.corrupt_count} unreadable image(s) skipped on rank "
+                        f"{group.rank}: {', '.join(loader.corrupt_paths[:3])}")
         results.append((path, top1 / total, top5 / total))
     if group.rank == 0:
         best = max(results, key=lambda r: r[1])

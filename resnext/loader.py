@@ -19,10 +19,11 @@ Randomness: sample i of epoch e is augmented with a generator seeded by
 (seed, e, i, attempt), so the output does not depend on the number of workers
 or ranks.
 
-Unreadable images: a file that fails to decode is replaced by the next sample
-of the dataset (i+1, i+2, ...), counted in ``corrupt_count`` and listed in
-``corrupt_paths``; an epoch never stops for one bad file. (In evaluation the
-replacement is scored in the bad file's place; ``corrupt_count`` tells how often.)
+Unreadable images: a file that fails to decode is counted in ``corrupt_count``
+and listed in ``corrupt_paths``; an epoch never stops for one bad file. In
+training it is replaced by the next sample of the dataset (i+1, i+2, ...). In
+evaluation its row is a blank image labelled ``IGNORE`` (-1), so that no image
+is scored twice: the evaluator drops those rows.
 
 Workers: ``num_workers`` processes split every batch into chunks and write
 pixels straight into a ring of batch buffers in shared memory, so image data
@@ -47,6 +48,7 @@ from .dataset import DataError, shard, shard_size
 log = logging.getLogger(__name__)
 
 MAX_REPLACEMENTS = 50  # consecutive unreadable files before we conclude the data is broken
+IGNORE = -1  # the label of an unreadable image's row in evaluation
 _POLL_S = 1.0  # how often blocked processes check that their peers are still alive
 
 
@@ -68,20 +70,25 @@ class _Recipe:
 def load_sample(recipe, index, epoch):
     """Image and label for dataset sample ``index`` in ``epoch``: (uint8 (S, S, 3), int, bad paths).
 
-    An unreadable file is replaced by the next sample of the dataset, with a
-    fresh random stream (seeded by the attempt number too).
+    Training: an unreadable file is replaced by the next sample of the dataset,
+    with a fresh random stream (seeded by the attempt number too). Evaluation:
+    a blank image labelled IGNORE.
     """
     bad = []
     n = len(recipe.samples)
+    if not recipe.train:  # evaluation: score every readable image once, skip the rest
+        path, label = recipe.samples[index]
+        try:
+            return (transforms.resize_center_crop(path, recipe.image_size, mode=recipe.eval_resize),
+                    label, bad)
+        except transforms.DECODE_ERRORS:
+            size = recipe.image_size
+            return np.zeros((size, size, 3), np.uint8), IGNORE, [path]
     for attempt in range(MAX_REPLACEMENTS):
         path, label = recipe.samples[(index + attempt) % n]
         try:
-            if recipe.train:
-                rng = np.random.default_rng((recipe.seed, epoch, index, attempt))
-                image = transforms.train_augment(path, recipe.image_size, rng,
-                                                 scale=recipe.crop_scale)
-            else:
-                image = transforms.resize_center_crop(path, recipe.image_size, mode=recipe.eval_resize)
+            rng = np.random.default_rng((recipe.seed, epoch, index, attempt))
+            image = transforms.train_augment(path, recipe.image_size, rng, scale=recipe.crop_scale)
             return image, label, bad
         except transforms.DECODE_ERRORS:
             bad.append(path)
@@ -344,7 +351,8 @@ class Loader:
             self.corrupt_count += 1
             if path not in self.corrupt_paths:
                 self.corrupt_paths.append(path)
-                log.warning("unreadable image replaced by the next sample: %s", path)
+                log.warning("unreadable image %s: %s", path,
+                            "replaced by the next sample" if self.train else "not scored")
 
     # -- iteration ---------------------------------------------------------
     def __iter__(self):

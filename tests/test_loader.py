@@ -10,7 +10,7 @@ import pytest
 from resnext import transforms as T
 from resnext.dataset import DataError, ImageFolder, shard
 from resnext.demo_data import generate
-from resnext.loader import Loader
+from resnext.loader import IGNORE, Loader
 
 SIZE = 24  # output image size: small keeps the tests fast
 
@@ -140,7 +140,7 @@ def test_a_superseded_iterator_stops(shapes):
         assert len(_epoch(loader)) == len(loader)  # the loader itself is unharmed
 
 
-def test_corrupt_images_are_replaced_and_counted(tmp_path, shapes):
+def test_corrupt_images_are_skipped_in_eval_and_counted(tmp_path, shapes):
     _, val = shapes
     root = tmp_path / "broken"
     for path, _ in val.samples:
@@ -163,16 +163,41 @@ def test_corrupt_images_are_replaced_and_counted(tmp_path, shapes):
         assert loader.corrupt_paths == [truncated, garbage]
         images = np.concatenate([x for x, _ in batches])
         labels = np.concatenate([y for _, y in batches])
-        assert len(images) == len(ds)  # nothing lost: replaced by the next sample
-        for bad in (4, 12):
-            assert np.array_equal(images[bad], T.resize_center_crop(ds.samples[bad + 1][0], SIZE))
-            assert labels[bad] == ds.samples[bad + 1][1]
+        assert len(images) == len(ds)  # one row per file, in order
+        for bad in (4, 12):  # a blank row the evaluator leaves out
+            assert labels[bad] == IGNORE and not images[bad].any()
+        for good in (3, 5, 13):
+            assert np.array_equal(images[good], T.resize_center_crop(ds.samples[good][0], SIZE))
+            assert labels[good] == ds.samples[good][1]
 
     # A second epoch counts again; the list names each file once.
     loader = Loader(ds, 8, train=False, image_size=SIZE, num_workers=0)
     _epoch(loader)
     _epoch(loader)
     assert loader.corrupt_count == 4 and len(loader.corrupt_paths) == 2
+
+
+def test_corrupt_images_are_replaced_in_training_and_counted(tmp_path, shapes):
+    _, val = shapes
+    root = tmp_path / "broken"
+    for path, _ in val.samples:
+        rel = os.path.relpath(path, val.root)
+        os.makedirs(root / os.path.dirname(rel), exist_ok=True)
+        with open(path, "rb") as f:
+            (root / rel).write_bytes(f.read())
+    ds = ImageFolder(root)
+    bad = {4, 12}
+    for i in bad:
+        with open(ds.samples[i][0], "wb") as f:
+            f.write(os.urandom(500))
+    loader = Loader(ds, 4, train=True, image_size=SIZE, num_workers=0, seed=3)
+    kept = loader.epoch_indices()[:len(loader) * 4]          # what the epoch visits
+    labels = np.concatenate([y for _, y in _epoch(loader)])
+    assert bad & set(kept.tolist()), "the epoch must visit a corrupt file for this test to mean anything"
+    assert loader.corrupt_count == len(bad & set(kept.tolist()))
+    for row, index in enumerate(kept):
+        source = index + 1 if index in bad else index        # replaced by the next sample
+        assert labels[row] == ds.samples[source][1]
 
 
 def test_a_folder_of_unreadable_files_is_a_data_error(tmp_path):

@@ -185,3 +185,18 @@ def test_synthetic_mode_trains_without_data(tmp_path):
         sorted(os.listdir(os.path.join(run, "ckpt_0")))[0] == "0-1_2.ckpt"
     state, _, meta = ckpt.load_checkpoint(os.path.join(run, "ckpt_0", "0-1_2.ckpt"))
     assert state["fc.weight"].shape[0] == 1000 and meta["global_step"] == 2
+
+
+def test_eval_skips_an_unreadable_image_and_says_so(data, tmp_path, capsys):
+    import shutil
+    val = tmp_path / "val"
+    shutil.copytree(data / "val", val)
+    (val / "n002" / "img_1.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert trainer.main(["--data_path", str(data / "train"), "--output_path", str(tmp_path / "o"),
+                         "--max_epoch", "1"] + TINY) == 0
+    capsys.readouterr()
+    assert eval_main(["--data_path", str(val), "--output_path", str(tmp_path / "o"),
+                      "--num_workers", "0", "--device_target", "CPU"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"top1_correct=\d+, tot=11, acc=", printed)      # 12 files, 11 readable
+    assert "1 unreadable image(s) skipped" in printed and "img_1.JPEG" in printed
