@@ -19,6 +19,8 @@ import numpy
 
 from minitorch_gx import backend
 
+from .convert import load_weights
+
 CKPT_NAME = re.compile(r"^(\d+)-(\d+)_(\d+)\.ckpt$")
 
 
@@ -37,8 +39,7 @@ def save_checkpoint(path, model, optimizer=None, meta=None):
         state = optimizer.state_dict()
         for i, s in state["state"].items():
             arrays[f"optim/momentum/{i}"] = backend.to_numpy(s["momentum_buffer"])
-        meta = dict(meta or {}, optimizer_param_groups=[
-            {k: v for k, v in g.items()} for g in state["param_groups"]])
+        meta = dict(meta or {}, optimizer_param_groups=state["param_groups"])
     arrays["meta"] = numpy.frombuffer(json.dumps(meta or {}).encode("utf-8"), dtype=numpy.uint8)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -98,7 +99,6 @@ def load_model_weights(path):
     """A name -> array dict from a checkpoint (.ckpt), an .npz state_dict (as
     written by ``python -m resnext.convert``) or a PyTorch .pth file."""
     if path.endswith(".pth") or path.endswith(".pt"):
-        from .convert import load_weights
         return load_weights(path)
     try:
         with numpy.load(path, allow_pickle=False) as z:

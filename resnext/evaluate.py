@@ -12,17 +12,22 @@ from minitorch_gx import backend
 from minitorch_gx.functional import topk_correct
 
 from . import checkpoint as ckpt
-from .config import DEFAULT_OUTPUT
-from .loader import IGNORE
+from .config import DEFAULT_OUTPUT, eval_parser
+from .dataset import ImageFolder
+from .demo_data import ensure_demo_dataset
+from .loader import IGNORE, Loader
 from .model import build_model
 from .runtime import UserError, choose_device, process_group, setup_logger
+from .transforms import normalize
 
 
 def newest_run_checkpoints(output_path=DEFAULT_OUTPUT):
-    """The ckpt_0 folder of the newest run under ``output_path``."""
-    runs = sorted(d for d in os.listdir(output_path)
-                  if os.path.isdir(os.path.join(output_path, d, "ckpt_0"))) \
-        if os.path.isdir(output_path) else []
+    """The ckpt_0 folder of the newest run under ``output_path`` (run folder
+    names sort by time)."""
+    runs = []
+    if os.path.isdir(output_path):
+        runs = sorted(d for d in os.listdir(output_path)
+                      if os.path.isdir(os.path.join(output_path, d, "ckpt_0")))
     if not runs:
         raise UserError(f"no training run found under {output_path!r}: run train.py first or "
                         "pass --checkpoint_file_path")
@@ -59,7 +64,6 @@ def model_for(path, state, meta, args, num_classes):
 def evaluate(model, loader, xp, group):
     """Return (top1_correct, top5_correct, total, images_per_second) summed
     over all ranks."""
-    from .transforms import normalize
     model.eval()
     top1 = top5 = total = 0
     start = time.perf_counter()
@@ -83,7 +87,6 @@ def evaluate(model, loader, xp, group):
 
 
 def main(argv=None):
-    from .config import eval_parser
     args = eval_parser().parse_args(argv)
     args.per_batch_size = args.per_batch_size or 128
     device = choose_device(args.device_target)
@@ -94,11 +97,8 @@ def main(argv=None):
     target = args.checkpoint_file_path or newest_run_checkpoints(args.output_path)
     paths = checkpoints_to_evaluate(target)
 
-    from .dataset import ImageFolder
-    from .loader import Loader
     root = args.data_path
     if root is None:
-        from .demo_data import ensure_demo_dataset
         root = os.path.join(ensure_demo_dataset(), "val")
     dataset = ImageFolder(root)
     results = []

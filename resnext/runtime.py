@@ -6,7 +6,10 @@ import os
 import sys
 import time
 
-from minitorch_gx import backend
+from minitorch_gx import backend, distributed
+
+from .checkpoint import CheckpointError
+from .dataset import DataError
 
 LOG_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
 
@@ -79,7 +82,6 @@ def process_group(run_distribute, device):
     whole job (MPI_Abort) instead of leaving the others waiting."""
     if not run_distribute:
         return SingleProcess()
-    from minitorch_gx import distributed
     ctx = distributed.init(device)
     distributed.install_failure_handler(ctx)
     return ctx
@@ -89,14 +91,10 @@ def main_guard(fn):
     """Run ``fn()``; a UserError (or a data/checkpoint error) becomes one line on
     stderr and exit status 1 instead of a traceback. Under mpirun the line is
     prefixed with the rank and the whole job is ended."""
-    from .checkpoint import CheckpointError
-    from .dataset import DataError
     try:
         return fn()
     except (UserError, CheckpointError, DataError) as e:
-        if "minitorch_gx.distributed" in sys.modules:
-            from minitorch_gx import distributed
-            if distributed.get_context().world_size > 1:
-                distributed.fatal(f"error: {e}")
+        if distributed.get_context().world_size > 1:
+            distributed.fatal(f"error: {e}")
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -14,14 +14,18 @@ import time
 import numpy
 
 import minitorch_gx as mt
-from minitorch_gx import backend
+from minitorch_gx import backend, distributed
 from minitorch_gx.functional import cross_entropy
 from minitorch_gx.optim import SGD, WarmupCosineLR
 
 from . import checkpoint as ckpt
 from .config import fill_defaults, train_parser
+from .dataset import ImageFolder
+from .demo_data import ensure_demo_dataset
+from .loader import Loader
 from .model import build_model
 from .runtime import UserError, choose_device, process_group, run_folder_name, setup_logger
+from .transforms import normalize
 
 SYNTHETIC_CLASSES = 1000
 SYNTHETIC_STEPS = 50
@@ -43,7 +47,7 @@ class SyntheticBatches:
         rs = xp.random.RandomState(seed)
         self.images = rs.randint(0, 256, (batch_size, image_size, image_size, 3)).astype(xp.uint8)
         self.labels = rs.randint(0, SYNTHETIC_CLASSES, batch_size).astype(xp.int64)
-        self.steps, self.corrupt_count = steps, 0
+        self.steps, self.corrupt_count, self.start = steps, 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
         self.start = start_batch
@@ -77,11 +81,8 @@ class Run:
             self.loader = SyntheticBatches(a.per_batch_size, a.image_size, steps, self.xp, a.seed)
             self.num_classes = SYNTHETIC_CLASSES
             return
-        from .dataset import ImageFolder
-        from .loader import Loader
         root = a.data_path
         if root is None:
-            from .demo_data import ensure_demo_dataset
             root = os.path.join(ensure_demo_dataset(), "train")
         dataset = ImageFolder(root)
         self.num_classes = len(dataset.classes)
@@ -105,7 +106,6 @@ class Run:
         if self.device == "gpu":
             self.model.to("gpu")
         if self.world > 1:
-            from minitorch_gx import distributed
             distributed.broadcast_parameters(self.model)
         self.model.train()
         self.optimizer = SGD(param_groups(self.model, a.weight_decay), lr=a.lr,
@@ -115,9 +115,9 @@ class Run:
                                         a.max_epoch)
         self.reducer = None
         if self.world > 1:
-            from minitorch_gx import distributed
             self.reducer = distributed.GradientAllreducer(list(self.model.parameters()))
         self.start_epoch, self.start_batch = 0, 0
+        self._batches_done = 0
         if a.resume:
             self._resume(a.resume)
 
@@ -171,7 +171,6 @@ class Run:
     # -- training ----------------------------------------------------------------
     def step(self, images, labels):
         xp = self.xp
-        from .transforms import normalize
         x = mt.Tensor(normalize(xp.asarray(images), xp, numpy.float32))
         lr = self.scheduler.step()
         self.optimizer.zero_grad()
@@ -201,7 +200,7 @@ class Run:
         a, start = self.args, self.start_batch if epoch_index == self.start_epoch else 0
         self.loader.set_epoch(epoch_index, start_batch=start)
         self._batches_done = start
-        progress = _progress(self.steps_per_epoch - start, epoch_index, a.max_epoch, self.rank)
+        progress = _Progress(self.steps_per_epoch - start, epoch_index, a.max_epoch, self.rank)
         losses, t0, seen = [], time.perf_counter(), 0
         for images, labels in self.loader:
             if self._batches_done >= self.steps_per_epoch:
@@ -248,7 +247,7 @@ class Run:
             self.save(epoch_index, self._batches_done)
 
 
-class _progress:
+class _Progress:
     """A tqdm bar on a terminal (rank 0); elsewhere nothing, and the caller logs
     plain lines."""
 

@@ -140,15 +140,18 @@ def test_a_superseded_iterator_stops(shapes):
         assert len(_epoch(loader)) == len(loader)  # the loader itself is unharmed
 
 
-def test_corrupt_images_are_skipped_in_eval_and_counted(tmp_path, shapes):
-    _, val = shapes
-    root = tmp_path / "broken"
-    for path, _ in val.samples:
-        rel = os.path.relpath(path, val.root)
+def _copy_of(dataset, root):
+    """A writable copy of ``dataset``'s files under ``root``, as an ImageFolder."""
+    for path, _ in dataset.samples:
+        rel = os.path.relpath(path, dataset.root)
         os.makedirs(root / os.path.dirname(rel), exist_ok=True)
         with open(path, "rb") as f:
             (root / rel).write_bytes(f.read())
-    ds = ImageFolder(root)
+    return ImageFolder(root)
+
+
+def test_corrupt_images_are_skipped_in_eval_and_counted(tmp_path, shapes):
+    ds = _copy_of(shapes[1], tmp_path / "broken")
     truncated, garbage = ds.samples[4][0], ds.samples[12][0]
     with open(truncated, "r+b") as f:
         f.truncate(300)
@@ -178,14 +181,7 @@ def test_corrupt_images_are_skipped_in_eval_and_counted(tmp_path, shapes):
 
 
 def test_corrupt_images_are_replaced_in_training_and_counted(tmp_path, shapes):
-    _, val = shapes
-    root = tmp_path / "broken"
-    for path, _ in val.samples:
-        rel = os.path.relpath(path, val.root)
-        os.makedirs(root / os.path.dirname(rel), exist_ok=True)
-        with open(path, "rb") as f:
-            (root / rel).write_bytes(f.read())
-    ds = ImageFolder(root)
+    ds = _copy_of(shapes[1], tmp_path / "broken")
     bad = {4, 12}
     for i in bad:
         with open(ds.samples[i][0], "wb") as f:
