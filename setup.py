@@ -10,8 +10,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["minitorch_gx", "minitorch_gx.nn", "minitorch_gx.optim", "resnext",
-              "minitorch_gx.kernels"],
+    packages=["minitorch_gx", "minitorch_gx.ops", "minitorch_gx.cuda", "minitorch_gx.distributed",
+              "minitorch_gx.nn", "minitorch_gx.optim", "resnext", "minitorch_gx.kernels"],
     # The CUDA C sources live in the top-level kernels/ folder (to be read on
     # their own); installed, they travel inside the package.
     package_dir={"minitorch_gx.kernels": "kernels"},

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minitorch_gx import backend, distributed  # noqa: E402
+from minitorch_gx.distributed import process_group  # noqa: E402
 
 SIZES = [10 ** 3, 10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7, 10 ** 8]  # bytes, 1 KB .. 100 MB
 
@@ -57,7 +58,7 @@ def parse_args(argv=None):
 
 
 def under_mpirun():
-    return any(int(os.environ.get(v, "0") or 0) >= 1 for v in distributed._LAUNCHER_SIZE_VARS)
+    return any(int(os.environ.get(v, "0") or 0) >= 1 for v in process_group._LAUNCHER_SIZE_VARS)
 
 
 def find_mpirun():

@@ -23,7 +23,7 @@ import time
 import numpy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minitorch_gx import functions_conv  # noqa: E402
+from minitorch_gx.ops import conv as ops_conv  # noqa: E402
 
 
 def resnext50_convs(size=224):
@@ -65,13 +65,13 @@ def time_ours(shape, N, dtype):
     rng = numpy.random.default_rng(0)
     x = rng.standard_normal((N, C, hw, hw), dtype=numpy.float32).astype(dtype)
     W = rng.standard_normal((K, C // groups, k, k), dtype=numpy.float32).astype(dtype)
-    y = functions_conv.conv2d_forward(x, W, stride, pad, groups)
+    y = ops_conv.conv2d_forward(x, W, stride, pad, groups)
     gy = rng.standard_normal(y.shape, dtype=numpy.float32).astype(dtype)
     args = (stride, pad, groups)
-    fwd = ms(lambda: functions_conv.conv2d_forward(x, W, *args))
+    fwd = ms(lambda: ops_conv.conv2d_forward(x, W, *args))
     bwd_data = 0.0 if C == 3 else ms(
-        lambda: functions_conv.conv2d_backward_data(gy, W, x.shape, *args))
-    bwd_weight = ms(lambda: functions_conv.conv2d_backward_weight(gy, x, W.shape, *args))
+        lambda: ops_conv.conv2d_backward_data(gy, W, x.shape, *args))
+    bwd_weight = ms(lambda: ops_conv.conv2d_backward_weight(gy, x, W.shape, *args))
     macs = N * K * (C // groups) * k * k * y.shape[2] * y.shape[3]
     return fwd, bwd_data, bwd_weight, macs
 

@@ -24,7 +24,10 @@ import numpy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minitorch_gx import backend, cuda_kernels as ck  # noqa: E402
+from minitorch_gx import backend  # noqa: E402
+from minitorch_gx.cuda import conv as cuda_conv, elementwise as cuda_elementwise  # noqa: E402
+from minitorch_gx.cuda import loss as cuda_loss, norm as cuda_norm  # noqa: E402
+from minitorch_gx.cuda import pool as cuda_pool, sgd as cuda_sgd  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -145,9 +148,9 @@ def bench_conv(args, xp, clock, torch, F, rows):
         x, W, gy = xp.asarray(x_h), xp.asarray(W_h), xp.asarray(gy_h)
         flops = 2.0 * n * k * (c // g) * r * s * p * q
         geo = (stride, pad, g)
-        ours = {"forward": lambda: ck.conv2d_forward(x, W, *geo),
-                "backward data": lambda: ck.conv2d_backward_data(gy, W, x.shape, *geo),
-                "backward weight": lambda: ck.conv2d_backward_weight(gy, x, W.shape, *geo)}
+        ours = {"forward": lambda: cuda_conv.conv2d_forward(x, W, *geo),
+                "backward data": lambda: cuda_conv.conv2d_backward_data(gy, W, x.shape, *geo),
+                "backward weight": lambda: cuda_conv.conv2d_backward_weight(gy, x, W.shape, *geo)}
         theirs = {}
         if torch is not None:
             tx, tW, tgy = (torch.from_numpy(a).to(dev) for a in (x_h, W_h, gy_h))
@@ -170,11 +173,15 @@ def bench_bn(args, xp, clock, torch, F, rows):
         gy_h = rng.standard_normal(shape).astype(numpy.float32)
         gamma, beta = xp.ones(c, xp.float32), xp.zeros(c, xp.float32)
         x, gy = xp.asarray(x_h), xp.asarray(gy_h)
-        y, mean, var = ck.batch_norm_train_forward(x, gamma, beta, 1e-5, relu)
-        invstd = 1 / xp.sqrt(var + 1e-5)
+        # the running statistics are updated inside the forward (bn_fwd_finalize), as torch's are
+        rm_ours, rv_ours = xp.zeros(c, xp.float32), xp.ones(c, xp.float32)
+        y, mean, invstd = cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, relu,
+                                                             rm_ours, rv_ours, 0.1)
         nbytes = 2 * x_h.nbytes  # forward: x in, y out; backward: gy, x in, gx out (+ y for relu)
-        ours_f = clock.ours(lambda: ck.batch_norm_train_forward(x, gamma, beta, 1e-5, relu))
-        ours_b = clock.ours(lambda: ck.batch_norm_backward(gy, x, y, gamma, mean, invstd, relu))
+        ours_f = clock.ours(lambda: cuda_norm.batch_norm_train_forward(
+            x, gamma, beta, 1e-5, relu, rm_ours, rv_ours, 0.1))
+        ours_b = clock.ours(lambda: cuda_norm.batch_norm_backward(gy, x, y, gamma, mean, invstd,
+                                                                  relu))
         torch_f = torch_fb = None
         if torch is not None:
             tx = torch.from_numpy(x_h).to(dev).requires_grad_(True)
@@ -207,7 +214,7 @@ def bench_sgd(args, xp, clock, torch, F, rows):
     ends = xp.asarray(numpy.array([split, n], numpy.int64))
     lrs, wds = xp.asarray(numpy.float32([0.4, 0.4])), xp.asarray(numpy.float32([1e-4, 0.0]))
     moms = xp.asarray(numpy.float32([0.9, 0.9]))
-    ours = clock.ours(lambda: ck.sgd_momentum_update(p, g, buf, ends, lrs, wds, moms))
+    ours = clock.ours(lambda: cuda_sgd.sgd_momentum_update(p, g, buf, ends, lrs, wds, moms))
     theirs = None
     if torch is not None:
         dev = "cuda" if args.gpu else "cpu"
@@ -229,7 +236,7 @@ def bench_small_ops(args, xp, clock, torch, F, rows):
     shape = (args.batch, 64 // args.div, hw, hw)
     x_h = rng.standard_normal(shape).astype(numpy.float32)
     x = xp.asarray(x_h)
-    y, argmax = ck.max_pool2d_forward(x, 3, 2, 1)
+    y, argmax = cuda_pool.max_pool2d_forward(x, 3, 2, 1)
     gy = xp.asarray(rng.standard_normal(y.shape).astype(numpy.float32))
     theirs_f = theirs_b = None
     if torch is not None:
@@ -240,17 +247,18 @@ def bench_small_ops(args, xp, clock, torch, F, rows):
         theirs_b = clock.torch(lambda: torch.ops.aten.max_pool2d_with_indices_backward(
             tgy, tx, [3, 3], [2, 2], [1, 1], [1, 1], False, idx))
     add_row(rows, "pool", "max pool 3x3/2 forward", shape,
-            clock.ours(lambda: ck.max_pool2d_forward(x, 3, 2, 1)), theirs_f,
+            clock.ours(lambda: cuda_pool.max_pool2d_forward(x, 3, 2, 1)), theirs_f,
             nbytes=x_h.nbytes + y.size * 5)
     add_row(rows, "pool", "max pool 3x3/2 backward", shape,
-            clock.ours(lambda: ck.max_pool2d_backward(gy, argmax, shape, 3, 2, 1)), theirs_b,
+            clock.ours(lambda: cuda_pool.max_pool2d_backward(gy, argmax, shape, 3, 2, 1)),
+            theirs_b,
             nbytes=x_h.nbytes + y.size * 5)
 
     hw = max(4, 56 // args.sdiv)
     shape = (args.batch, 256 // args.div, hw, hw)
     a_h, b_h = (rng.standard_normal(shape).astype(numpy.float32) for _ in range(2))
     a, b = xp.asarray(a_h), xp.asarray(b_h)
-    y = ck.add_relu_forward(a, b)
+    y = cuda_elementwise.add_relu_forward(a, b)
     theirs_f = theirs_b = None
     if torch is not None:
         ta, tb = torch.from_numpy(a_h).to(dev), torch.from_numpy(b_h).to(dev)
@@ -258,9 +266,11 @@ def bench_small_ops(args, xp, clock, torch, F, rows):
         theirs_f = clock.torch(lambda: torch.relu(ta + tb))
         theirs_b = clock.torch(lambda: torch.ops.aten.threshold_backward(ta, ty, 0))
     add_row(rows, "elementwise", "residual add + ReLU forward", shape,
-            clock.ours(lambda: ck.add_relu_forward(a, b)), theirs_f, nbytes=3 * a_h.nbytes)
-    add_row(rows, "elementwise", "ReLU backward", shape, clock.ours(lambda: ck.relu_backward(a, y)),
-            theirs_b, nbytes=3 * a_h.nbytes)
+            clock.ours(lambda: cuda_elementwise.add_relu_forward(a, b)), theirs_f,
+            nbytes=3 * a_h.nbytes)
+    add_row(rows, "elementwise", "ReLU backward", shape,
+            clock.ours(lambda: cuda_elementwise.relu_backward(a, y)), theirs_b,
+            nbytes=3 * a_h.nbytes)
 
     n, k = args.batch, 1000
     z_h = rng.standard_normal((n, k)).astype(numpy.float32)
@@ -269,8 +279,8 @@ def bench_small_ops(args, xp, clock, torch, F, rows):
     gloss = xp.full(n, 1.0 / n, xp.float32)
 
     def ours_xent():
-        _, lse = ck.softmax_cross_entropy_forward(z, labels, 0.1)
-        ck.softmax_cross_entropy_backward(z, labels, lse, gloss, 0.1)
+        _, lse = cuda_loss.softmax_cross_entropy_forward(z, labels, 0.1)
+        cuda_loss.softmax_cross_entropy_backward(z, labels, lse, gloss, 0.1)
 
     theirs = None
     if torch is not None:

@@ -6,9 +6,11 @@
 
 Stages, each a subprocess with its own time limit, its output in <out>/<stage>.log:
   env      what the machine has (GPU, CuPy, PyTorch versions)
-  tests    pytest tests/test_cuda_backend.py (every kernel through CuPy against the
-           NumPy reference, resnext50_32x4d forward/backward against the NumPy
-           backend, training steps) and tests/test_kernels_compile.py
+  tests    pytest, the GPU cases only: tests/ops/ and tests/optim/ with -k cupy (every
+           kernel through CuPy against the NumPy reference, at ResNeXt's shapes
+           too), tests/resnext/test_model_on_kernels.py (resnext50_32x4d
+           forward/backward against the NumPy backend, training steps) and
+           tests/cuda/test_compile.py (NVRTC builds of every kernel)
   kernels  benchmarks/bench_kernels.py --batch 128 (each kernel beside PyTorch)
   train    benchmarks/bench_train.py --device gpu --batch 128 (img/s beside PyTorch)
 A summary goes to <out>/summary.txt; the exit code is non-zero if any stage failed.
@@ -31,13 +33,21 @@ WHEELS = ROOT / ".whl"
 NEEDED = ["pytest", "pillow", "tqdm"]  # what the test files import beyond the GPU stack
 
 
+# The GPU tests: the kernel cases of the op and optimizer tests are the ones
+# parametrised with the "cupy" implementation (tests/backends.py); the two
+# whole files run entirely (their CPU cases are quick).
+GPU_TEST_FILES = ["tests/ops", "tests/optim", "tests/cuda/test_compile.py",
+                  "tests/resnext/test_model_on_kernels.py"]
+GPU_TEST_SELECTION = ["-k", "cupy or test_compile.py or test_model_on_kernels.py"]
+
+
 def stages(smoke):
     py = sys.executable
     if smoke:
         return [
             ("env", [py, "-c", ENV_REPORT], 60),
             ("tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                       "tests/test_cuda_backend.py"], 120),
+                       *GPU_TEST_SELECTION, *GPU_TEST_FILES], 120),
             ("kernels", [py, "benchmarks/bench_kernels.py", "--emulate", "--only", "sgd", "small",
                          "--json", "{out}/bench_kernels.json"], 300),
             ("train", [py, "benchmarks/bench_train.py", "--device", "cpu", "--arch", "resnext_mini",
@@ -46,7 +56,7 @@ def stages(smoke):
     return [
         ("env", [py, "-c", ENV_REPORT], 60),
         ("tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--durations=10",
-                   "tests/test_cuda_backend.py", "tests/test_kernels_compile.py"], 210),
+                   *GPU_TEST_SELECTION, *GPU_TEST_FILES], 210),
         ("kernels", [py, "benchmarks/bench_kernels.py", "--batch", "128",
                      "--json", "{out}/bench_kernels.json"], 120),
         ("train", [py, "benchmarks/bench_train.py", "--device", "gpu", "--batch", "128",

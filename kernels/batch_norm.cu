@@ -13,7 +13,7 @@
 //   gbeta = sum(g),  ggamma = sum(g * xhat)
 //   gx = gamma * invstd * (g - gbeta / M - xhat * ggamma / M)      (training)
 //   gx = gamma * invstd * g                                        (inference: pass inv_count = 0)
-// Running statistics (kernel 8), PyTorch's convention:
+// Running statistics (in kernel 2, when update != 0), PyTorch's convention:
 //   r_mean = (1 - momentum) * r_mean + momentum * mean
 //   r_var  = (1 - momentum) * r_var  + momentum * var * M / (M - 1)
 //
@@ -29,10 +29,12 @@
 // The apply kernels use the same (splits, C) grid, so every block works on one
 // channel and keeps its per-channel numbers in registers.
 //
-// Launch shapes (launchers: cuda_kernels.batch_norm_*):
+// Launchers: minitorch_gx/cuda/norm.py batch_norm_*, called by ops/norm.py; tested
+// against ops/norm.py batch_norm_*_reference (tests/ops/test_norm.py).
+// Launch shapes:
 //   reduce / apply kernels: grid (splits, C), block (BN_THREADS; the reduce kernels
 //   accept any multiple of 32 up to it, the others any size)
-//   finalize / prepare / running update: grid (ceil(C / BN_THREADS)), block (BN_THREADS)
+//   finalize / prepare: grid (ceil(C / BN_THREADS)), block (BN_THREADS)
 
 #ifndef REAL
 #define REAL float
@@ -113,13 +115,15 @@ bn_fwd_reduce(const real* __restrict__ x, real* __restrict__ part, int N, int C,
     }
 }
 
-// 2. Merge the partials of each channel; mean, biased var, invstd, and the
-//    scale/shift that the apply kernel uses.
+// 2. Merge the partials of each channel; mean, invstd, the scale/shift that
+//    the apply kernel uses and, when update != 0, the running statistics.
 extern "C" __global__ void __launch_bounds__(BN_THREADS)
 bn_fwd_finalize(const real* __restrict__ part, int splits, int C, real eps,
                 const real* __restrict__ gamma, const real* __restrict__ beta,
-                real* __restrict__ mean, real* __restrict__ var, real* __restrict__ invstd,
-                real* __restrict__ scale, real* __restrict__ shift) {
+                real* __restrict__ mean, real* __restrict__ invstd,
+                real* __restrict__ scale, real* __restrict__ shift,
+                real* __restrict__ running_mean, real* __restrict__ running_var,
+                real momentum, int update) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     Stats st = {0, 0, 0};
@@ -131,10 +135,13 @@ bn_fwd_finalize(const real* __restrict__ part, int splits, int C, real eps,
     real v = st.m2 / st.n;
     real is = 1 / sqrt(v + eps);
     mean[c] = st.mean;
-    var[c] = v;
     invstd[c] = is;
     scale[c] = gamma[c] * is;
     shift[c] = beta[c] - st.mean * gamma[c] * is;
+    if (update) {
+        running_mean[c] = (1 - momentum) * running_mean[c] + momentum * st.mean;
+        running_var[c] = (1 - momentum) * running_var[c] + momentum * st.m2 / (st.n - 1);
+    }
 }
 
 // 3. y = x * scale[c] + shift[c], then ReLU if relu != 0.
@@ -240,15 +247,4 @@ bn_infer_prepare(const real* __restrict__ gamma, const real* __restrict__ beta,
     invstd[c] = is;
     scale[c] = gamma[c] * is;
     shift[c] = beta[c] - running_mean[c] * gamma[c] * is;
-}
-
-// 8. Running statistics, in place. count = M (> 1).
-extern "C" __global__ void __launch_bounds__(BN_THREADS)
-bn_update_running(real* __restrict__ running_mean, real* __restrict__ running_var,
-                  const real* __restrict__ mean, const real* __restrict__ var, int C,
-                  real momentum, real count) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    running_mean[c] = (1 - momentum) * running_mean[c] + momentum * mean[c];
-    running_var[c] = (1 - momentum) * running_var[c] + momentum * var[c] * count / (count - 1);
 }

@@ -1,7 +1,7 @@
 // grouped_conv.cu -- grouped 2-D convolution: forward and backward-data, each
 // an implicit GEMM per group.
 //
-// Legend (NCHW, as minitorch_gx/functions_conv.py):
+// Legend (NCHW, as minitorch_gx/ops/conv.py):
 //   N batch, C input channels, H x W input, K output channels, P x Q output
 //   G groups, Cg = C / G input and Kg = K / G output channels per group
 //   R x S filter, stride (sh, sw), padding (ph, pw), RS = R * S
@@ -48,8 +48,9 @@
 //     gather does no integer division (forward and stride-1 backward).
 //   Launch: grid (ceil(J / BN), G * ceil(M / BM)), block (CONV_THREADS) --
 //   exactly: the geometry is compiled in, another size traps -- no dynamic
-//   shared memory. Launchers: cuda_kernels.conv2d_forward and
-//   cuda_kernels.conv2d_backward_data.
+//   shared memory. Launchers: minitorch_gx/cuda/conv.py conv2d_forward and
+//   conv2d_backward_data, called by ops/conv.py; tested against ops/conv.py
+//   conv2d_forward_reference / conv2d_backward_data_reference (tests/ops/test_conv.py).
 
 #ifndef REAL
 #define REAL float

@@ -26,7 +26,9 @@
 //   total into gW with one atomicAdd.
 //   Launch: grid (G * Cg * ceil(Kg / KT) * ceil(RS / TAPS), splits), block
 //   (WGRAD_THREADS); blockIdx.y picks the share of pixels: pixel j goes to
-//   split (j / WGRAD_THREADS) % splits. Launcher: cuda_kernels.conv2d_backward_weight.
+//   split (j / WGRAD_THREADS) % splits. Launcher: minitorch_gx/cuda/conv.py
+//   conv2d_backward_weight, called by ops/conv.py; tested against ops/conv.py
+//   conv2d_backward_weight_reference (tests/ops/test_conv.py).
 
 #ifndef REAL
 #define REAL float

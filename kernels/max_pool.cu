@@ -5,7 +5,7 @@
 // (sh, sw), padding (ph, pw) counting as -inf.
 //   y[n, c, p, q] = max over taps t = i * kw + j of x[n, c, p*sh-ph+i, q*sw-pw+j]
 //   argmax[n, c, p, q] = the first tap (row-major) holding that maximum,
-//                        as minitorch_gx/functions_pool.py (uint8: kh * kw < 256)
+//                        as minitorch_gx/ops/pool.py (uint8: kh * kw < 256)
 //   gx[n, c, h, w] = sum of gy[n, c, p, q] over the windows whose argmax is (h, w)
 // The backward gathers instead of scattering: each input pixel visits the few
 // windows that contain it (at most 4 for 3x3 stride 2), so there are no
@@ -14,7 +14,9 @@
 // Threads: one per output element (forward) or input element (backward), a
 // grid-stride loop over the flat NCHW index. Launch: grid
 // (min(ceil(total / POOL_THREADS), 65535)), block (POOL_THREADS, or fewer).
-// Launchers: cuda_kernels.max_pool2d_forward / max_pool2d_backward.
+// Launchers: minitorch_gx/cuda/pool.py max_pool2d_forward / max_pool2d_backward, called by
+// ops/pool.py MaxPool2d; tested against ops/pool.py max_pool2d_forward_reference /
+// max_pool2d_backward_reference (tests/ops/test_pool.py).
 
 #ifndef REAL
 #define REAL float

@@ -16,7 +16,8 @@
 // Threads: a grid-stride loop, one element per thread per iteration; each
 // element finds its group by binary search in group_end (a handful of cached
 // loads). Launch: grid (min(ceil(n / SGD_THREADS), 4096)), block (SGD_THREADS, or fewer).
-// Launcher: cuda_kernels.sgd_momentum_update.
+// Launcher: minitorch_gx/cuda/sgd.py sgd_momentum_update, called by optim/sgd.py SGD.step;
+// tested against optim/sgd.py sgd_update_reference (tests/optim/test_sgd.py).
 
 #ifndef REAL
 #define REAL float

@@ -3,7 +3,7 @@
 // subtract, exp, sum, log, gather and the smoothing sum).
 //
 // Legend: logits z (N, K), labels (N,) int64 in [0, K); the target puts `on`
-// on the true class and `off` on every other (functions_loss.py: on = 1 - eps,
+// on the true class and `off` on every other (ops/loss.py: on = 1 - eps,
 // off = eps / (K - 1); on = 1, off = 0 without smoothing), on + (K-1)*off = 1.
 //   lse_i  = log sum_k exp(z_ik)                     (computed as m + log sum exp(z - m))
 //   loss_i = -sum_k t_ik (z_ik - lse_i) = lse_i - (on - off) * z_{i,y_i} - off * sum_k z_ik
@@ -13,7 +13,9 @@
 // sum exp and sum z (shuffles within warps, shared memory across them).
 // Backward, one thread per element. Launch: forward grid (N), block
 // (XENT_THREADS); backward grid (ceil(K / XENT_THREADS), N), block (XENT_THREADS).
-// Launchers: cuda_kernels.softmax_cross_entropy_forward / _backward.
+// Launchers: minitorch_gx/cuda/loss.py softmax_cross_entropy_forward / _backward, called by
+// ops/loss.py CrossEntropy; tested against ops/loss.py
+// softmax_cross_entropy_forward_reference / _backward_reference (tests/ops/test_loss.py).
 
 #ifndef REAL
 #define REAL float

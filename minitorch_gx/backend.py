@@ -5,10 +5,13 @@ Every op asks ``xp = get_array_module(x)`` and then writes ``xp.sum``,
 only module that imports ``cupy``; everything else imports and tests on a
 machine without a GPU.
 
-Ops that have a fast path (a blocked NumPy formulation, or one of our CUDA
-kernels) also keep a plain reference version that is the specification.
-``implementation("reference")`` forces the reference everywhere, which is how
-the tests compare the two.
+Every op has up to three implementations of each array-level step, and
+``choose`` is the one rule that picks between them:
+  - ``reference``: plain ``xp`` code, the specification; forced everywhere by
+    ``implementation("reference")``, which is how the tests compare paths;
+  - ``kernel``: this project's CUDA launcher, on CuPy arrays, or on NumPy
+    arrays inside ``emulate_kernels()`` (the CPU emulator runs the kernel);
+  - ``fast``: the NumPy (or generic CuPy) formulation, otherwise.
 """
 import contextlib
 
@@ -111,7 +114,7 @@ def use_kernels(xp):
 @contextlib.contextmanager
 def emulate_kernels():
     """Run the CUDA kernels on NumPy arrays through the CPU emulator
-    (``minitorch_gx.cuda_emu``), so that the ops' whole GPU path -- launchers,
+    (``minitorch_gx.cuda.emulator``), so that the ops' whole GPU path -- launchers,
     argument order, saved state -- is exercised without a GPU. Slow."""
     global _emulate
     previous, _emulate = _emulate, True
@@ -119,6 +122,17 @@ def emulate_kernels():
         yield
     finally:
         _emulate = previous
+
+
+def choose(x, *, reference, fast, kernel=None):
+    """The implementation an op should call for array ``x`` (see the module
+    docstring): ``reference`` under ``implementation("reference")``, else
+    ``kernel`` when kernels are in use for ``x``'s array module, else ``fast``."""
+    if use_reference():
+        return reference
+    if kernel is not None and use_kernels(get_array_module(x)):
+        return kernel
+    return fast
 
 
 def nccl():

@@ -1,5 +1,5 @@
 """Command-line flags of train.py and eval.py, named as in the original
-MindSpore ResNeXt code, with the recipe's defaults (../shared/RECIPE.md).
+MindSpore ResNeXt code, with the recipe's defaults (docs/RECIPE.md).
 
 When no --data_path is given, train.py runs the embedded demo: a small
 generated dataset and settings sized to finish in minutes on a CPU. Any flag

@@ -38,7 +38,7 @@ class Bottleneck(nn.Module):
         out = self.bn2(self.conv2(out), relu=True)
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        return F.add_relu(out, identity)  # the residual add and its ReLU in one op
 
 
 class ResNeXt(nn.Module):

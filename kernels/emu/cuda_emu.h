@@ -2,7 +2,7 @@
 //
 // A .cu file is compiled as C++ with this header force-included
 // (g++ -include cuda_emu.h) and linked with cuda_emu_runtime.cpp, which runs
-// the launches. minitorch_gx/cuda_emu.py drives both: it rewrites __shared__
+// the launches. minitorch_gx/cuda/emulator.py drives both: it rewrites __shared__
 // declarations into per-block storage (see shared_var), appends one entry
 // point per kernel, builds a .so and calls it with ctypes.
 //
@@ -135,7 +135,7 @@ const char* signature(void (*)(A...)) {
     return text;
 }
 
-// `__shared__ float tile[8][33];` is rewritten by cuda_emu.py into
+// `__shared__ float tile[8][33];` is rewritten by emulator.py into
 // `auto& tile = emu::shared_var<float[8][33]>(ID);`: every thread of the block
 // gets the same object, a new one (full of 0xFF bytes) for every block.
 template <class T>

@@ -18,8 +18,7 @@ Update (PyTorch's, dampening 0, not Nesterov), per element:
 import numpy
 
 from .. import backend
-
-gpu_impl = None  # set to the CUDA launchers module when the GPU backend loads
+from ..cuda import sgd as cuda_sgd
 
 
 def sgd_update_reference(p, g, buf, lr, momentum, weight_decay):
@@ -126,18 +125,26 @@ class SGD:
 
     def step(self):
         self._gather_grads()
-        xp = backend.get_array_module(self.flat_params)
-        if gpu_impl is not None and backend.use_kernels(xp):
-            gpu_impl.sgd_momentum_update(self.flat_params, self.flat_grads, self.flat_momentum,
-                                         *self._group_arrays())
-            return
+        backend.choose(self.flat_params, reference=self._step_reference, fast=self._step_fast,
+                       kernel=self._step_kernel)()
+
+    def _step_reference(self):
         for group, (start, end) in zip(self.param_groups, self._slices):
-            p, g, buf = (a[start:end] for a in (self.flat_params, self.flat_grads, self.flat_momentum))
-            if backend.use_reference():
-                sgd_update_reference(p, g, buf, group["lr"], group["momentum"], group["weight_decay"])
-            else:
-                _sgd_update_fast(p, g, buf, group["lr"], group["momentum"], group["weight_decay"],
-                                 self._scratch[start:end])
+            p, g, buf = (a[start:end] for a in (self.flat_params, self.flat_grads,
+                                                self.flat_momentum))
+            sgd_update_reference(p, g, buf, group["lr"], group["momentum"], group["weight_decay"])
+
+    def _step_fast(self):
+        for group, (start, end) in zip(self.param_groups, self._slices):
+            p, g, buf = (a[start:end] for a in (self.flat_params, self.flat_grads,
+                                                self.flat_momentum))
+            _sgd_update_fast(p, g, buf, group["lr"], group["momentum"], group["weight_decay"],
+                             self._scratch[start:end])
+
+    def _step_kernel(self):
+        # one launch of kernels/sgd.cu updates every group
+        cuda_sgd.sgd_momentum_update(self.flat_params, self.flat_grads, self.flat_momentum,
+                                     *self._group_arrays())
 
     def _group_arrays(self):
         """Per-group end offsets and scalars, as the fused CUDA kernel takes

@@ -1,0 +1,127 @@
+"""Where a kernel launch goes: the GPU through CuPy, or the CPU emulator.
+
+``device_for(a)`` picks by array type. Both devices offer the same few calls
+(``empty``, ``zeros``, ``input``, ``launch``), so the launchers (``conv``,
+``norm``, ``pool``, ``loss``, ``sgd``, ``elementwise`` beside this file) are
+written once:
+  - CuPy arrays: each .cu file is compiled by NVRTC through ``cupy.RawModule``
+    the first time one of its kernels is needed, once per set of compile-time
+    defines, and memoized (CuPy also caches the binary on disk).
+  - NumPy arrays: ``emulator`` compiles the same source with g++ and runs it
+    on the CPU, slowly; this is how the kernels are tested without a GPU.
+The compile-time launch shapes (``LAUNCH``) and the option list live here too.
+"""
+import numpy
+
+from ..backend import cupy
+from . import emulator
+
+# Compile-time launch shapes (each becomes a -D define). Tests change them to
+# run every kernel at several block sizes.
+LAUNCH = {"CONV_THREADS": 256, "WGRAD_THREADS": 256, "BN_THREADS": 256, "SGD_THREADS": 256,
+          "POOL_THREADS": 256, "XENT_THREADS": 256, "EW_THREADS": 256}
+
+# Every kernel file and the LAUNCH entries it is compiled with (besides REAL).
+KERNEL_FILES = {"grouped_conv.cu": ("CONV_THREADS",),
+                "grouped_conv_bwd_weight.cu": ("WGRAD_THREADS",),
+                "batch_norm.cu": ("BN_THREADS",), "sgd.cu": ("SGD_THREADS",),
+                "max_pool.cu": ("POOL_THREADS",), "softmax_cross_entropy.cu": ("XENT_THREADS",),
+                "add_relu.cu": ("EW_THREADS",)}
+
+NVRTC_OPTIONS = ("--std=c++17",)
+_REAL = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
+INT_LIMIT = 2 ** 31 - 1
+
+
+class CupyDevice:
+    """Kernels compiled with NVRTC (cupy.RawModule) and run on the current GPU."""
+
+    name = "cuda"
+
+    def __init__(self):
+        self._modules = {}
+
+    @property
+    def xp(self):
+        return cupy
+
+    def empty(self, shape, dtype):
+        return cupy.empty(shape, dtype)
+
+    def zeros(self, shape, dtype):
+        return cupy.zeros(shape, dtype)
+
+    def input(self, a, dtype):
+        """``a`` as a C-contiguous device array of ``dtype`` (copied only if needed)."""
+        return cupy.asarray(a, dtype=dtype, order="C")
+
+    def module(self, file, defines):
+        key = (file, defines)
+        if key not in self._modules:
+            source = (emulator.kernel_dir() / file).read_text()
+            options = NVRTC_OPTIONS + tuple(f"-D{k}={v}" for k, v in defines)
+            self._modules[key] = cupy.RawModule(code=source, options=options)
+        return self._modules[key]
+
+    def launch(self, file, kernel, grid, block, args, shared_mem=0, defines=()):
+        self.module(file, defines).get_function(kernel)(grid, block, tuple(args),
+                                                        shared_mem=shared_mem)
+
+
+CUPY_DEVICE = CupyDevice() if cupy is not None else None
+
+
+def device_for(a):
+    """The CuPy device for CuPy arrays, the CPU emulator for NumPy arrays."""
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return CUPY_DEVICE
+    if isinstance(a, numpy.ndarray):
+        return emulator.device()
+    raise TypeError(f"expected a CuPy or NumPy array, got {type(a).__name__}")
+
+
+def defines(dtype, *names):
+    """-D defines for a launch: the element type and the thread counts it uses."""
+    dtype = numpy.dtype(dtype)
+    if dtype not in _REAL:
+        raise TypeError(f"the CUDA kernels take float32 or float64 arrays, not {dtype}")
+    return tuple(sorted([("REAL", _REAL[dtype])] + [(n, LAUNCH[n]) for n in names]))
+
+
+def builds(dtype=numpy.float32):
+    """(file, defines) for every kernel file as the launchers compile it now."""
+    return [(f, defines(dtype, *names)) for f, names in KERNEL_FILES.items()]
+
+
+def check_size(**arrays_or_sizes):
+    for name, a in arrays_or_sizes.items():
+        size = a if isinstance(a, int) else a.size
+        if size > INT_LIMIT:
+            raise ValueError(f"{name} has {size} elements; the kernels index with 32-bit ints "
+                             f"(at most {INT_LIMIT}): use a smaller batch")
+
+
+def inplace(dev, a, dtype, name):
+    """The array a kernel should update for ``a``; then call ``write_back``."""
+    if dev is CUPY_DEVICE:
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            raise ValueError(f"{name} is updated in place: it must be C-contiguous {dtype}")
+        return a
+    return dev.input(a, dtype)  # the emulator works on a guarded copy
+
+
+def write_back(original, worked_on):
+    if worked_on is not original:
+        original[...] = worked_on
+
+
+def blocks(n, threads, most=65535):
+    """ceil(n / threads), clamped to [1, most]: a 1-D grid."""
+    return max(1, min(most, -(-n // threads)))
+
+
+def pair(v, name):
+    pair_ = (v, v) if isinstance(v, (int, numpy.integer)) else tuple(v)
+    if len(pair_) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return int(pair_[0]), int(pair_[1])

@@ -1,0 +1,485 @@
+"""2-D convolution with stride, padding, groups and an optional bias.
+
+Read top-down: ``conv2d`` and its Function ``Conv2d`` (forward, backward);
+the three array-level steps it is made of, ``conv2d_forward`` (y from x, W),
+``conv2d_backward_data`` (gx from gy, W) and ``conv2d_backward_weight`` (gW
+from gy, x), each choosing one of three implementations with
+``backend.choose``; then those implementations:
+  - ``*_reference``: im2col + one matmul per group, the specification;
+  - the NumPy fast path: 1x1 convolutions are matmuls over channels; other
+    kernels are lowered along the width only and finished with one matmul per
+    kernel row over row-shifted views (MEC, Cho & Brand, ICML 2017), chunk by
+    chunk of the batch so the lowered block stays in cache;
+  - the CUDA kernels, through their launchers in ``minitorch_gx.cuda.conv``
+    (``kernels/grouped_conv.cu``, ``kernels/grouped_conv_bwd_weight.cu``).
+"""
+import threading
+
+import numpy
+
+from .. import backend
+from ..autograd import Function
+from ..cuda import conv as cuda_conv
+
+# --------------------------------------------------------------------------
+# Grouped convolution, the shape names used below (Chainer's legend):
+#   N        batch size
+#   C, H, W  input channels, height, width
+#   G        groups; iCg = C / G input and oCg = K / G output channels per group
+#   K        output channels
+#   R, S     kernel height, width
+#   P, Q     output height, width: P = (H + 2 * pad_h - R) // stride_h + 1
+# Weights are (K, iCg, R, S); output channel k of group g = k // oCg sees only
+# the input channels g * iCg ... (g + 1) * iCg - 1:
+#   y[n, k, p, q] = sum_{i, r, s} W[k, i, r, s]
+#                   * x[n, g * iCg + i, p * stride_h + r - pad_h, q * stride_w + s - pad_w]
+# with x taken as 0 outside the image.
+# --------------------------------------------------------------------------
+
+
+def _pair(v):
+    return (int(v), int(v)) if numpy.isscalar(v) else (int(v[0]), int(v[1]))
+
+
+def output_size(H, W, R, S, stride, padding):
+    """(P, Q) of a convolution; stride and padding are (h, w) pairs."""
+    P = (H + 2 * padding[0] - R) // stride[0] + 1
+    Q = (W + 2 * padding[1] - S) // stride[1] + 1
+    return P, Q
+
+
+# ==========================================================================
+# The op: conv2d and its Function.
+# ==========================================================================
+
+def conv2d(x, W, b=None, stride=1, padding=0, groups=1):
+    """2-D cross-correlation, as ``torch.nn.functional.conv2d``.
+
+    x: (N, C, H, W) input.        W: (K, C / groups, R, S) weight.
+    b: (K,) bias or None.         stride, padding: int or (h, w) pair.
+    groups: C and K are split into ``groups`` equal parts; output group g
+    sees only input group g (ResNeXt's cardinality, 32).
+    Returns y (N, K, P, Q), P = (H + 2 pad_h - R) // stride_h + 1, Q likewise:
+      y[n, k, p, q] = b[k] + sum_{i, r, s} W[k, i, r, s]
+                      * x[n, g iCg + i, p stride_h + r - pad_h, q stride_w + s - pad_w]
+    with g = k // (K / groups), iCg = C / groups and x zero outside the image.
+    """
+    _check(x, W, b, _pair(stride), _pair(padding), groups)
+    f = Conv2d(stride, padding, groups)
+    return f(x, W) if b is None else f(x, W, b)
+
+
+class Conv2d(Function):
+    """y = conv(x, W) + b; inputs (x, W) or (x, W, b)."""
+
+    def __init__(self, stride=1, padding=0, groups=1):
+        self.stride, self.padding, self.groups = _pair(stride), _pair(padding), int(groups)
+
+    def forward(self, x, W, b=None):
+        self.x, self.W = x, W  # gW needs x, gx needs W
+        y = conv2d_forward(x, W, self.stride, self.padding, self.groups)
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1)                                 # b as (1, K, 1, 1)
+        return y
+
+    def backward(self, gy):
+        x_in, W_in = self.inputs[0], self.inputs[1]
+        args = (self.stride, self.padding, self.groups)
+        gx = gW = None
+        # The network's input image needs no gradient: skip the stem's gx.
+        if x_in.requires_grad or x_in.creator is not None:
+            gx = conv2d_backward_data(gy, self.W, self.x.shape, *args)
+        if W_in.requires_grad or W_in.creator is not None:
+            gW = conv2d_backward_weight(gy, self.x, self.W.shape, *args)
+        if len(self.inputs) == 3:
+            return gx, gW, gy.sum(axis=(0, 2, 3))
+        return gx, gW
+
+
+def _check(x, W, b, stride, padding, groups):
+    """Raise one ValueError saying what does not fit."""
+    problem = None
+    if len(x.shape) != 4 or len(W.shape) != 4:
+        problem = "x must be (N, C, H, W) and W (K, C/groups, R, S)"
+    elif groups < 1 or x.shape[1] % groups or W.shape[0] % groups:
+        problem = f"input channels {x.shape[1]} and output channels {W.shape[0]} " \
+                  f"must both be divisible by groups={groups}"
+    elif W.shape[1] != x.shape[1] // groups:
+        problem = f"W has {W.shape[1]} input channels per group, x gives " \
+                  f"{x.shape[1]} / groups={groups} = {x.shape[1] // groups}"
+    elif b is not None and tuple(b.shape) != (W.shape[0],):
+        problem = f"bias must be ({W.shape[0]},), got {tuple(b.shape)}"
+    elif min(stride) < 1 or min(padding) < 0:
+        problem = f"stride must be >= 1 and padding >= 0, got stride={stride} padding={padding}"
+    elif min(output_size(x.shape[2], x.shape[3], W.shape[2], W.shape[3], stride, padding)) < 1:
+        problem = "the kernel is larger than the padded input"
+    elif x.dtype != W.dtype or (b is not None and b.dtype != W.dtype):
+        problem = f"x, W (and b) must share one dtype, got x {x.dtype}, W {W.dtype}" + \
+                  ("" if b is None else f", b {b.dtype}")
+    if problem:
+        raise ValueError(f"conv2d: x {tuple(x.shape)}, W {tuple(W.shape)}, groups={groups}, "
+                         f"stride={stride}, padding={padding}: {problem}")
+
+
+# ==========================================================================
+# The array-level steps: reference, NumPy fast path or CUDA kernel.
+# ==========================================================================
+
+def conv2d_forward(x, W, stride, padding, groups):
+    """y (N, K, P, Q) from x (N, C, H, W) and W (K, C/groups, R, S); no bias."""
+    impl = backend.choose(x, reference=conv2d_forward_reference, fast=_forward_fast,
+                          kernel=cuda_conv.conv2d_forward)
+    return impl(x, W, stride, padding, groups)
+
+
+def conv2d_backward_data(gy, W, x_shape, stride, padding, groups):
+    """gx (N, C, H, W) from gy (N, K, P, Q) and W."""
+    impl = backend.choose(gy, reference=conv2d_backward_data_reference, fast=_backward_data_fast,
+                          kernel=cuda_conv.conv2d_backward_data)
+    return impl(gy, W, x_shape, stride, padding, groups)
+
+
+def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups):
+    """gW (K, C/groups, R, S) from gy (N, K, P, Q) and x."""
+    impl = backend.choose(gy, reference=conv2d_backward_weight_reference,
+                          fast=_backward_weight_fast, kernel=cuda_conv.conv2d_backward_weight)
+    return impl(gy, x, W_shape, stride, padding, groups)
+
+
+# ==========================================================================
+# Reference: im2col + one matmul per group. Simple, slow, the specification.
+# ==========================================================================
+
+def _im2col(x, R, S, stride, padding, P, Q):
+    """cols[n, c, r, s, p, q] = x[n, c, p * sh + r - ph, q * sw + s - pw] (0 outside)."""
+    xp = backend.get_array_module(x)
+    (sh, sw), (ph, pw) = stride, padding
+    x_pad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    cols = xp.empty(x.shape[:2] + (R, S, P, Q), x.dtype)  # (N, C, R, S, P, Q)
+    for r in range(R):
+        for s in range(S):
+            cols[:, :, r, s] = x_pad[:, :, r:r + sh * P:sh, s:s + sw * Q:sw]
+    return cols
+
+
+def _col2im(cols, x_shape, stride, padding):
+    """The adjoint of _im2col: add every cols entry back where it was read from."""
+    xp = backend.get_array_module(cols)
+    N, C, R, S, P, Q = cols.shape
+    (sh, sw), (ph, pw) = stride, padding
+    H, W = x_shape[2:]
+    # room for the last window even when it overhangs the padded image
+    x_pad = xp.zeros((N, C, max(H + 2 * ph, sh * P + R), max(W + 2 * pw, sw * Q + S)), cols.dtype)
+    for r in range(R):
+        for s in range(S):
+            x_pad[:, :, r:r + sh * P:sh, s:s + sw * Q:sw] += cols[:, :, r, s]
+    return x_pad[:, :, ph:ph + H, pw:pw + W]
+
+
+def conv2d_forward_reference(x, W, stride, padding, groups):
+    """y (N, K, P, Q) = conv(x (N, C, H, W), W (K, C/groups, R, S)), no bias."""
+    xp = backend.get_array_module(x)
+    stride, padding, G = _pair(stride), _pair(padding), groups
+    N, C, H, Wd = x.shape
+    K, iCg, R, S = W.shape
+    P, Q = output_size(H, Wd, R, S, stride, padding)
+    cols = _im2col(x, R, S, stride, padding, P, Q)          # (N, C, R, S, P, Q)
+    cols = cols.reshape(N, G, iCg * R * S, P * Q)           # (N, G, iCg*R*S, P*Q)
+    Wg = W.reshape(G, K // G, iCg * R * S)                  # (G, oCg, iCg*R*S)
+    y = xp.matmul(Wg, cols)                                 # (N, G, oCg, P*Q)
+    return y.reshape(N, K, P, Q)                            # (N, K, P, Q)
+
+
+def conv2d_backward_data_reference(gy, W, x_shape, stride, padding, groups):
+    """gx (N, C, H, W) from gy (N, K, P, Q): W^T times gy, then col2im."""
+    xp = backend.get_array_module(gy)
+    stride, padding, G = _pair(stride), _pair(padding), groups
+    N, K, P, Q = gy.shape
+    _, iCg, R, S = W.shape
+    Wg_t = W.reshape(G, K // G, iCg * R * S).transpose(0, 2, 1)          # (G, iCg*R*S, oCg)
+    gcols = xp.matmul(Wg_t, gy.reshape(N, G, K // G, P * Q))            # (N, G, iCg*R*S, P*Q)
+    gcols = gcols.reshape(N, G * iCg, R, S, P, Q)                       # (N, C, R, S, P, Q)
+    return _col2im(gcols, x_shape, stride, padding)
+
+
+def conv2d_backward_weight_reference(gy, x, W_shape, stride, padding, groups):
+    """gW (K, C/groups, R, S) = sum over n, p, q of gy times the matching x window."""
+    xp = backend.get_array_module(gy)
+    stride, padding, G = _pair(stride), _pair(padding), groups
+    N, K, P, Q = gy.shape
+    _, iCg, R, S = W_shape
+    cols = _im2col(x, R, S, stride, padding, P, Q)          # (N, C, R, S, P, Q)
+    cols = cols.reshape(N, G, iCg * R * S, P * Q)           # (N, G, iCg*R*S, P*Q)
+    gyg = gy.reshape(N, G, K // G, P * Q)                                # (N, G, oCg, P*Q)
+    gW = xp.matmul(gyg, cols.transpose(0, 1, 3, 2)).sum(axis=0)         # (G, oCg, iCg*R*S)
+    return gW.reshape(W_shape)                              # (K, iCg, R, S)
+
+
+# ==========================================================================
+# Fast path.
+#
+# 1x1 kernels: y[n] = W @ x[n] with x[n] seen as (C, H*W), one matmul per
+# image and group reading x in place (a stride first copies every stride-th
+# row and column; tiny maps fold the batch into the pixels, see THIN_PIXELS).
+#
+# Other kernels, lowering along the width only (MEC). For every column tap s
+# and every row phase f (the rows h = h2 * stride_h + f, so that a strided
+# kernel still sees contiguous memory) the lowered block holds
+#   low[n, c, s, f, h2, q] = x[n, c, h2 * stride_h + f - pad_h, q * stride_w + s - pad_w]
+# which is S (not R * S) times the input. Kernel row r then reads phase
+# f = r % stride_h starting at row h2 = r // stride_h, and within one group the
+# rows (i, s) of that view are equally spaced in memory, so
+#   y[n, g] += W[g, :, :, r, :] (oCg, iCg*S) @ low[n, g, (i, s), f, h2.., :] (iCg*S, P*Q)
+# is one plain matmul per (n, g, r) that BLAS reads in place. gW uses the same
+# views (gy @ view^T). gx of a stride-1 convolution is a stride-1 convolution
+# of gy with the flipped kernel; with a stride, W^T @ gy fills a lowered
+# gradient that is added back where the forward read it.
+# ==========================================================================
+
+# The batch is handled in chunks whose lowered block is about this size: small
+# enough to stay in cache between the copy that writes it and the matmuls that
+# read it (measured on a 1 MiB-L2 / 32 MiB-L3 CPU; see benchmarks/bench_conv.py).
+CHUNK_BYTES = 2 << 20
+
+_scratch_buffers = {}  # (thread id, name) -> flat uint8 buffer; see release_scratch
+
+
+def _scratch(name, shape, dtype, xp):
+    """A reusable, uninitialised buffer per (thread, name): the lowered blocks
+    are rewritten for every chunk, and fresh large arrays cost page faults."""
+    if xp is not numpy:
+        return xp.empty(shape, dtype)  # CuPy's memory pool already reuses blocks
+    dtype = numpy.dtype(dtype)
+    nbytes = int(numpy.prod(shape)) * dtype.itemsize
+    key = (threading.get_ident(), name)
+    buf = _scratch_buffers.get(key)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _scratch_buffers[key] = numpy.empty(nbytes, numpy.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def release_scratch():
+    """Free the reusable buffers (they are kept between calls)."""
+    _scratch_buffers.clear()
+
+
+def _map_chunks(fn, g, itemsize, xp):
+    """[fn(n0, m) for each chunk x[n0:n0 + m] of the batch]."""
+    if xp is not numpy:  # a GPU takes the whole batch at once
+        return [fn(0, g.N)]
+    per_image = g.C * g.S * g.phases * g.H2 * g.Q * itemsize
+    n = max(1, min(g.N, CHUNK_BYTES // per_image))
+    return [fn(n0, min(n, g.N - n0)) for n0 in range(0, g.N, n)]
+
+
+class _Geometry:
+    """Every size of one convolution, named as in the legend above."""
+
+    def __init__(self, x_shape, W_shape, stride, padding, groups):
+        self.N, self.C, self.H, self.W = x_shape
+        self.K, self.iCg, self.R, self.S = W_shape
+        self.G, self.oCg = groups, self.K // groups
+        (self.sh, self.sw), (self.ph, self.pw) = _pair(stride), _pair(padding)
+        self.P, self.Q = output_size(self.H, self.W, self.R, self.S, (self.sh, self.sw),
+                                     (self.ph, self.pw))
+        self.phases = min(self.sh, self.R)             # row phases some kernel row reads
+        self.H2 = self.P + (self.R - 1) // self.sh     # rows kept per phase
+
+    def is_pointwise(self):
+        return self.R == self.S == 1 and self.ph == self.pw == 0
+
+    def lowered_shape(self, n):
+        return (n, self.C, self.S, self.phases, self.H2, self.Q)
+
+    def row_view(self, low, r):
+        """Rows (i, s) of kernel row r, per group: (n, G, iCg*S, P*Q), a strided view."""
+        n = low.shape[0]
+        low = low.reshape(n, self.G, self.iCg * self.S, self.phases, self.H2 * self.Q)
+        # (n, G, iCg*S, phases, H2*Q): the rows (i, s) are equally spaced
+        start = (r // self.sh) * self.Q
+        return low[:, :, :, r % self.sh, start:start + self.P * self.Q]
+
+
+def _valid(n_out, offset, stride, n_in):
+    """Output indices i in [lo, hi) whose input index i * stride + offset is in
+    [0, n_in), and the slice of those input indices."""
+    lo = max(0, -(offset // stride))
+    hi = max(lo, min(n_out, (n_in - 1 - offset) // stride + 1))
+    return lo, hi, slice(lo * stride + offset, (hi - 1) * stride + offset + 1, stride)
+
+
+def _lowered_windows(g):
+    """For each (s, f): the destination rows/cols of low[:, :, s, f] that lie
+    inside the image, and the matching strided slices of x."""
+    for s in range(g.S):
+        q0, q1, cols = _valid(g.Q, s - g.pw, g.sw, g.W)
+        for f in range(g.phases):
+            h0, h1, rows = _valid(g.H2, f - g.ph, g.sh, g.H)
+            yield s, f, (h0, h1, q0, q1), (rows, cols)
+
+
+def _lower(x, g, low):
+    """Fill low (n, C, S, phases, H2, Q) from the chunk x (n, C, H, W); 0 for padding."""
+    for s, f, (h0, h1, q0, q1), (rows, cols) in _lowered_windows(g):
+        dst = low[:, :, s, f]                            # (n, C, H2, Q)
+        if h1 > h0 and q1 > q0:
+            dst[:, :, h0:h1, q0:q1] = x[:, :, rows, cols]
+        dst[:, :, :h0] = 0
+        dst[:, :, h1:] = 0
+        dst[:, :, h0:h1, :q0] = 0
+        dst[:, :, h0:h1, q1:] = 0
+
+
+def _unlower_add(glow, g, gx):
+    """The adjoint of _lower: add glow (n, C, S, phases, H2, Q) into gx (n, C, H, W)."""
+    for s, f, (h0, h1, q0, q1), (rows, cols) in _lowered_windows(g):
+        if h1 > h0 and q1 > q0:
+            gx[:, :, rows, cols] += glow[:, :, s, f, h0:h1, q0:q1]
+
+
+def _weight_rows(W, g):
+    """W (K, iCg, R, S) as one (oCg, iCg*S) matrix per kernel row and group."""
+    return W.transpose(2, 0, 1, 3).reshape(g.R, g.G, g.oCg, g.iCg * g.S)  # (R, G, oCg, iCg*S)
+
+
+# 1x1 kernels. With few pixels per image (layer4's 7x7 maps) the per-image
+# matmuls are too thin for BLAS, so the batch is folded into the pixel axis
+# instead, y (K, N*P*Q) = W (K, C) @ x (C, N*P*Q), at the price of two
+# transposing copies.
+THIN_PIXELS = 64
+
+
+def _to_channel_major(a, G):
+    """(N, C, P, Q) -> (G, C/G, N*P*Q), a copy."""
+    return a.transpose(1, 0, 2, 3).reshape(G, a.shape[1] // G, -1)      # (G, C/G, N*P*Q)
+
+
+def _from_channel_major(a, g):
+    """(G, C/G, N*P*Q) -> (N, C, P, Q), a copy."""
+    xp = backend.get_array_module(a)
+    return xp.ascontiguousarray(a.reshape(-1, g.N, g.P, g.Q).transpose(1, 0, 2, 3))  # (N, C, P, Q)
+
+
+def _pointwise_forward(x, W, g):
+    xp = backend.get_array_module(x)
+    Wg = W.reshape(g.G, g.oCg, g.iCg)                                   # (G, oCg, iCg)
+    xs = x[:, :, ::g.sh, ::g.sw]                                        # (N, C, P, Q), a view
+    if g.P * g.Q < THIN_PIXELS:
+        return _from_channel_major(xp.matmul(Wg, _to_channel_major(xs, g.G)), g)
+    y = xp.matmul(Wg, xs.reshape(g.N, g.G, g.iCg, g.P * g.Q))         # (N, G, oCg, P*Q)
+    return y.reshape(g.N, g.K, g.P, g.Q)                    # (N, K, P, Q)
+
+
+def _pointwise_backward_data(gy, W, g):
+    xp = backend.get_array_module(gy)
+    Wg_t = W.reshape(g.G, g.oCg, g.iCg).transpose(0, 2, 1)             # (G, iCg, oCg)
+    if g.P * g.Q < THIN_PIXELS:
+        gxs = _from_channel_major(xp.matmul(Wg_t, _to_channel_major(gy, g.G)), g)
+    else:
+        gxs = xp.matmul(Wg_t, gy.reshape(g.N, g.G, g.oCg, g.P * g.Q))  # (N, G, iCg, P*Q)
+        gxs = gxs.reshape(g.N, g.C, g.P, g.Q)                           # (N, C, P, Q)
+    if g.sh == g.sw == 1:
+        return gxs
+    gx = xp.zeros((g.N, g.C, g.H, g.W), gy.dtype)
+    gx[:, :, ::g.sh, ::g.sw] = gxs
+    return gx
+
+
+def _pointwise_backward_weight(gy, x, g):
+    xp = backend.get_array_module(gy)
+    xs = x[:, :, ::g.sh, ::g.sw]                                        # (N, C, P, Q), a view
+    # Summing per-image products goes through an (N, K, iCg) temporary;
+    # folding the batch into the pixel axis copies gy and x instead. Take the
+    # smaller of the two.
+    if g.K * g.iCg > (g.K + g.C) * g.P * g.Q:
+        gy_cm, x_cm = _to_channel_major(gy, g.G), _to_channel_major(xs, g.G)
+        gW = xp.matmul(gy_cm, x_cm.transpose(0, 2, 1))                  # (G, oCg, iCg)
+    else:
+        x_g = xs.reshape(g.N, g.G, g.iCg, g.P * g.Q)                    # (N, G, iCg, P*Q)
+        gy_g = gy.reshape(g.N, g.G, g.oCg, g.P * g.Q)                   # (N, G, oCg, P*Q)
+        gW = xp.matmul(gy_g, x_g.transpose(0, 1, 3, 2)).sum(axis=0)     # (G, oCg, iCg)
+    return gW.reshape(g.K, g.iCg, 1, 1)                     # (K, iCg, 1, 1)
+
+
+def _forward_fast(x, W, stride, padding, groups):
+    xp = backend.get_array_module(x)
+    x, W = xp.ascontiguousarray(x), xp.ascontiguousarray(W)
+    g = _Geometry(x.shape, W.shape, stride, padding, groups)
+    if g.is_pointwise():
+        return _pointwise_forward(x, W, g)
+    W_rows = _weight_rows(W, g)                                   # (R, G, oCg, iCg*S)
+    y = xp.empty((g.N, g.K, g.P, g.Q), x.dtype)
+
+    def chunk(n0, m):
+        low = _scratch("lowered", g.lowered_shape(m), x.dtype, xp)
+        _lower(x[n0:n0 + m], g, low)
+        y_chunk = y[n0:n0 + m].reshape(m, g.G, g.oCg, g.P * g.Q)  # (m, G, oCg, P*Q)
+        partial = _scratch("partial", y_chunk.shape, x.dtype, xp)
+        for r in range(g.R):
+            out = y_chunk if r == 0 else partial
+            xp.matmul(W_rows[r], g.row_view(low, r), out=out)
+            if r > 0:
+                y_chunk += partial
+
+    _map_chunks(chunk, g, x.dtype.itemsize, xp)
+    return y
+
+
+def _flipped_weight(W, g):
+    """The weight of the stride-1 convolution that maps gy back to gx: per group
+    the in/out channels swapped and the kernel rotated by 180 degrees."""
+    Wg = W.reshape(g.G, g.oCg, g.iCg, g.R, g.S)                      # (G, oCg, iCg, R, S)
+    Wg = Wg.transpose(0, 2, 1, 3, 4)[:, :, :, ::-1, ::-1]           # (G, iCg, oCg, R, S)
+    return Wg.reshape(g.C, g.oCg, g.R, g.S)                 # (C, oCg, R, S)
+
+
+def _backward_data_fast(gy, W, x_shape, stride, padding, groups):
+    xp = backend.get_array_module(gy)
+    gy, W = xp.ascontiguousarray(gy), xp.ascontiguousarray(W)
+    g = _Geometry(x_shape, W.shape, stride, padding, groups)
+    if g.is_pointwise():
+        return _pointwise_backward_data(gy, W, g)
+    if g.sh == g.sw == 1 and g.ph < g.R and g.pw < g.S:
+        # A stride-1 convolution's input gradient is itself a stride-1
+        # convolution of gy, with the flipped weight and the complementary padding.
+        W_flip = xp.ascontiguousarray(_flipped_weight(W, g))
+        return _forward_fast(gy, W_flip, 1, (g.R - 1 - g.ph, g.S - 1 - g.pw), groups)
+    # General case: per kernel row, W^T @ gy fills the lowered gradient, which
+    # is then added back onto the image positions it was read from.
+    W_rows_t = _weight_rows(W, g).transpose(0, 1, 3, 2)             # (R, G, iCg*S, oCg)
+    gy_g = gy.reshape(g.N, g.G, g.oCg, g.P * g.Q)                       # (N, G, oCg, P*Q)
+    gx = xp.zeros(x_shape, gy.dtype)
+
+    def chunk(n0, m):
+        glow = _scratch("lowered", g.lowered_shape(m), gy.dtype, xp)
+        glow[...] = 0
+        partial = _scratch("partial", (m, g.G, g.iCg * g.S, g.P * g.Q), gy.dtype, xp)
+        for r in range(g.R):
+            xp.matmul(W_rows_t[r], gy_g[n0:n0 + m], out=partial)   # (m, G, iCg*S, P*Q)
+            g.row_view(glow, r)[...] += partial
+        _unlower_add(glow, g, gx[n0:n0 + m])
+
+    _map_chunks(chunk, g, gy.dtype.itemsize, xp)
+    return gx
+
+
+def _backward_weight_fast(gy, x, W_shape, stride, padding, groups):
+    xp = backend.get_array_module(gy)
+    gy, x = xp.ascontiguousarray(gy), xp.ascontiguousarray(x)
+    g = _Geometry(x.shape, W_shape, stride, padding, groups)
+    if g.is_pointwise():
+        return _pointwise_backward_weight(gy, x, g)
+    gy_g = gy.reshape(g.N, g.G, g.oCg, g.P * g.Q)                       # (N, G, oCg, P*Q)
+
+    def chunk(n0, m):
+        low = _scratch("lowered", g.lowered_shape(m), x.dtype, xp)
+        _lower(x[n0:n0 + m], g, low)
+        gW_rows = xp.empty((g.R, g.G, g.oCg, g.iCg * g.S), gy.dtype)   # (R, G, oCg, iCg*S)
+        for r in range(g.R):
+            rows_t = g.row_view(low, r).transpose(0, 1, 3, 2)           # (m, G, P*Q, iCg*S)
+            gW_rows[r] = xp.matmul(gy_g[n0:n0 + m], rows_t).sum(axis=0)
+        return gW_rows
+
+    gW_rows = sum(_map_chunks(chunk, g, x.dtype.itemsize, xp))
+    gW = gW_rows.reshape(g.R, g.K, g.iCg, g.S).transpose(1, 2, 0, 3)   # (K, iCg, R, S)
+    return xp.ascontiguousarray(gW)

@@ -1,0 +1,297 @@
+"""Batch normalisation over (N, H, W) for each channel of an NCHW input,
+optionally fused with the ReLU that follows it.
+
+    training:  mean, var = batch statistics (var biased),  xhat = (x - mean) * invstd
+    eval:      mean, var = running statistics,              invstd = 1 / sqrt(var + eps)
+    y = gamma * xhat + beta            (then max(y, 0) when relu=True)
+    running statistics (training): r = (1 - momentum) * r + momentum * batch statistic,
+    with the unbiased batch variance (PyTorch's convention)
+
+Read top-down: ``batch_norm`` and its Function ``BatchNorm2d``; the four
+array-level steps (train forward, which also updates the running statistics;
+backward; eval forward; eval backward), each choosing with ``backend.choose``
+between a plain ``*_reference`` (the specification), the NumPy fast path and
+the CUDA kernels of ``kernels/batch_norm.cu`` (launchers in
+``minitorch_gx.cuda.norm``); then the references; then the fast path.
+Legend: N batch, C channels, L = H * W, M = N * L values per channel.
+"""
+import numpy
+
+from .. import backend
+from ..autograd import Function, Tensor
+from ..cuda import norm as cuda_norm
+
+
+def batch_norm(x, running_mean, running_var, weight, bias, training=False, momentum=0.1,
+               eps=1e-5, relu=False):
+    """Batch normalisation per channel of x (N, C, H, W) (PyTorch's argument order).
+
+    running_mean, running_var: (C,) arrays, updated in place when training
+        (``r = (1 - momentum) * r + momentum * batch_stat``, unbiased batch
+        variance); used instead of the batch statistics when not training.
+        Both may be None only when training (then nothing is updated).
+    weight, bias: gamma and beta, (C,) Tensors (None: 1 and 0, not learned).
+    relu: apply ReLU to the output in the same op (one pass less over memory).
+    Returns y (N, C, H, W) = gamma * (x - mean) / sqrt(var + eps) + beta.
+    """
+    x = x if isinstance(x, Tensor) else Tensor(x)
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm expects (N, C, H, W) input, got shape {x.shape}")
+    c = x.shape[1]
+    running_mean, running_var = _array_or_none(running_mean), _array_or_none(running_var)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm needs both running_mean and running_var, or neither")
+    if running_mean is None and not training:
+        raise ValueError("batch_norm in eval mode (training=False) needs running_mean and "
+                         "running_var")
+    if training and x.size // c <= 1:
+        raise ValueError(f"batch_norm in training mode needs more than one value per channel, "
+                         f"got input shape {x.shape}")
+    xp = backend.get_array_module(x.data)
+    weight = Tensor(xp.ones(c, x.dtype)) if weight is None else weight
+    bias = Tensor(xp.zeros(c, x.dtype)) if bias is None else bias
+    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if v is not None and tuple(v.shape) != (c,):
+            raise ValueError(f"batch_norm: {name} has shape {tuple(v.shape)}, expected ({c},) "
+                             f"for input of shape {x.shape}")
+    return BatchNorm2d(running_mean, running_var, training, momentum, eps, relu)(x, weight, bias)
+
+
+def _array_or_none(v):
+    return v.data if isinstance(v, Tensor) else v
+
+
+class BatchNorm2d(Function):
+    """Inputs (x, gamma, beta); running statistics are updated in place."""
+
+    def __init__(self, running_mean, running_var, training, momentum, eps, relu):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.training, self.momentum, self.eps, self.relu = training, momentum, eps, relu
+
+    def forward(self, x, gamma, beta):
+        if self.training:
+            y, self.mean, self.invstd = batch_norm_train_forward(
+                x, gamma, beta, self.eps, self.relu, self.running_mean, self.running_var,
+                self.momentum)
+        else:
+            y = batch_norm_infer_forward(x, gamma, beta, self.running_mean, self.running_var,
+                                         self.eps, self.relu)
+        self.x, self.gamma = x, gamma
+        self.y = y if self.relu else None  # only the ReLU mask needs the output
+        if self.training:  # backward reads the batch statistics, not the running ones
+            self.running_mean = self.running_var = None
+        return y
+
+    def backward(self, gy):
+        if self.training:
+            return batch_norm_backward(gy, self.x, self.y, self.gamma, self.mean, self.invstd,
+                                       self.relu)
+        return batch_norm_infer_backward(gy, self.x, self.y, self.gamma, self.running_mean,
+                                         self.running_var, self.eps, self.relu)
+
+
+# --------------------------------------------------------------------------
+# The array-level steps: reference, NumPy fast path or CUDA kernel.
+# --------------------------------------------------------------------------
+def batch_norm_train_forward(x, gamma, beta, eps, relu, running_mean=None, running_var=None,
+                             momentum=0.1):
+    """x (N, C, H, W); gamma, beta (C,) -> y like x, batch mean (C,), invstd (C,)
+    = 1 / sqrt(biased batch var + eps). ``running_mean``/``running_var`` (C,),
+    when given, are updated in place (the kernel does it in its finalize step)."""
+    impl = backend.choose(x, reference=batch_norm_train_forward_reference,
+                          fast=_train_forward_fast, kernel=cuda_norm.batch_norm_train_forward)
+    return impl(x, gamma, beta, eps, relu, running_mean, running_var, momentum)
+
+
+def batch_norm_backward(gy, x, y, gamma, mean, invstd, relu):
+    """Training-mode backward -> (gx, ggamma, gbeta). ``y`` is read only for
+    the ReLU mask (may be None when relu=False); invstd = 1 / sqrt(var + eps)."""
+    impl = backend.choose(x, reference=batch_norm_backward_reference, fast=_backward_fast,
+                          kernel=cuda_norm.batch_norm_backward)
+    return impl(gy, x, y, gamma, mean, invstd, relu)
+
+
+def batch_norm_infer_forward(x, gamma, beta, running_mean, running_var, eps, relu):
+    """Eval-mode forward with the running statistics -> y like x."""
+    impl = backend.choose(x, reference=batch_norm_infer_forward_reference,
+                          fast=_infer_forward_fast, kernel=cuda_norm.batch_norm_infer_forward)
+    return impl(x, gamma, beta, running_mean, running_var, eps, relu)
+
+
+def batch_norm_infer_backward(gy, x, y, gamma, running_mean, running_var, eps, relu):
+    """Eval-mode backward (statistics are constants) -> (gx, ggamma, gbeta)."""
+    impl = backend.choose(x, reference=batch_norm_infer_backward_reference,
+                          fast=_infer_backward_fast, kernel=cuda_norm.batch_norm_infer_backward)
+    return impl(gy, x, y, gamma, running_mean, running_var, eps, relu)
+
+
+# --------------------------------------------------------------------------
+# References: the equations written out, broadcasting over (N, C, H, W).
+# --------------------------------------------------------------------------
+def _stat_axes(x):
+    return (0,) + tuple(range(2, x.ndim))  # every axis but the channel axis
+
+
+def _bcast(v, x):
+    """(C,) -> (1, C, 1, 1) for broadcasting against x."""
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def batch_norm_train_forward_reference(x, gamma, beta, eps, relu, running_mean=None,
+                                       running_var=None, momentum=0.1):
+    xp = backend.get_array_module(x)
+    axes = _stat_axes(x)
+    mean = x.mean(axis=axes)
+    var = ((x - _bcast(mean, x)) ** 2).mean(axis=axes)  # two passes: no cancellation
+    xhat = (x - _bcast(mean, x)) / xp.sqrt(_bcast(var, x) + eps)
+    y = _bcast(gamma, x) * xhat + _bcast(beta, x)
+    if relu:
+        y = xp.maximum(y, 0)
+    if running_mean is not None:
+        update_running_reference(running_mean, running_var, mean, var, x.size // x.shape[1],
+                                 momentum)
+    invstd = 1 / xp.sqrt(var + eps)
+    return y.astype(x.dtype, copy=False), mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+def update_running_reference(running_mean, running_var, mean, var, m, momentum):
+    """In place: r = (1 - momentum) r + momentum * statistic; the variance
+    unbiased, var * m / (m - 1), as PyTorch does (the normalisation uses the
+    biased one)."""
+    running_mean *= 1 - momentum
+    running_mean += (momentum * mean).astype(running_mean.dtype, copy=False)
+    running_var *= 1 - momentum
+    running_var += (momentum * m / (m - 1) * var).astype(running_var.dtype, copy=False)
+
+
+def batch_norm_backward_reference(gy, x, y, gamma, mean, invstd, relu):
+    axes = _stat_axes(x)
+    m = x.size // x.shape[1]
+    g = gy * (y > 0) if relu else gy
+    xhat = (x - _bcast(mean, x)) * _bcast(invstd, x)
+    gbeta = g.sum(axis=axes)
+    ggamma = (g * xhat).sum(axis=axes)
+    # mean and var depend on x too: subtract the gradient's mean and its
+    # projection onto xhat (the standard batch-norm backward).
+    gx = _bcast(gamma * invstd, x) * (g - _bcast(gbeta, x) / m - xhat * _bcast(ggamma, x) / m)
+    return gx.astype(x.dtype, copy=False), ggamma.astype(x.dtype), gbeta.astype(x.dtype)
+
+
+def batch_norm_infer_forward_reference(x, gamma, beta, running_mean, running_var, eps, relu):
+    xp = backend.get_array_module(x)
+    xhat = (x - _bcast(running_mean, x)) / xp.sqrt(_bcast(running_var, x) + eps)
+    y = _bcast(gamma, x) * xhat + _bcast(beta, x)
+    if relu:
+        y = xp.maximum(y, 0)
+    return y.astype(x.dtype, copy=False)
+
+
+def batch_norm_infer_backward_reference(gy, x, y, gamma, running_mean, running_var, eps, relu):
+    xp = backend.get_array_module(x)
+    axes = _stat_axes(x)
+    g = gy * (y > 0) if relu else gy
+    invstd = 1 / xp.sqrt(running_var + eps)
+    xhat = (x - _bcast(running_mean, x)) * _bcast(invstd, x)
+    gx = g * _bcast(gamma * invstd, x)  # the statistics are constants here
+    return (gx.astype(x.dtype, copy=False), (g * xhat).sum(axis=axes).astype(x.dtype),
+            g.sum(axis=axes).astype(x.dtype))
+
+
+# --------------------------------------------------------------------------
+# Fast path. Every big array is viewed as (N, C*L): reductions run over N
+# first (adding whole contiguous rows), then over L on a small (C, L) array
+# in float64; per-channel constants are repeated to (C*L,) so each
+# elementwise pass has one long inner loop, even for the 7x7 and smaller
+# maps of the last stage, where a (C, 1) broadcast would run C*N loops of
+# only L numbers. Channel statistics are computed in float64.
+# --------------------------------------------------------------------------
+def _dims(x):
+    n, c = x.shape[0], x.shape[1]
+    return n, c, x.size // (n * c)
+
+
+def _channel_sum(a2, c):
+    """(N, C*L) -> (C,) float64: sum over N, then over L."""
+    return a2.sum(axis=0).reshape(c, -1).sum(axis=1, dtype=numpy.float64)
+
+
+def _channel_dot(a2, b2, c):
+    """(N, C*L), (N, C*L) -> (C,) float64: sum of a * b without an a * b temporary."""
+    xp = backend.get_array_module(a2)
+    return xp.einsum("nk,nk->k", a2, b2).reshape(c, -1).sum(axis=1, dtype=numpy.float64)
+
+
+def _per_element(v, length, dtype):
+    """(C,) -> (C*L,): the channel's value at every position of one sample."""
+    xp = backend.get_array_module(v)
+    return xp.repeat(v.astype(dtype, copy=False), length)
+
+
+def _masked(gy2, y, relu):
+    """The gradient that reaches the affine output: ReLU passes it where y > 0."""
+    if not relu:
+        return gy2
+    return gy2 * (y.reshape(gy2.shape) > 0)
+
+
+def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, momentum):
+    xp = backend.get_array_module(x)
+    n, c, length = _dims(x)
+    m = n * length
+    x2 = x.reshape(n, c * length)  # (N, C*L)
+    mean = _channel_sum(x2, c) / m
+    d = x2 - _per_element(mean, length, x.dtype)  # (N, C*L); becomes y in place
+    var = _channel_dot(d, d, c) / m  # two-pass variance: sum (x - mean)^2
+    invstd = 1 / xp.sqrt(var + eps)
+    d *= _per_element(gamma.astype(numpy.float64) * invstd, length, x.dtype)
+    d += _per_element(beta, length, x.dtype)
+    if relu:
+        xp.maximum(d, 0, out=d)
+    if running_mean is not None:
+        update_running_reference(running_mean, running_var, mean, var, m, momentum)
+    return d.reshape(x.shape), mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+def _backward_fast(gy, x, y, gamma, mean, invstd, relu):
+    n, c, length = _dims(x)
+    m = n * length
+    dtype = x.dtype
+    g = _masked(gy.reshape(n, c * length), y, relu)  # (N, C*L)
+    gbeta = _channel_sum(g, c)
+    d = x.reshape(n, c * length) - _per_element(mean, length, dtype)  # x - mean, (N, C*L)
+    invstd = invstd.astype(numpy.float64)
+    ggamma = _channel_dot(g, d, c) * invstd  # sum g * xhat, centred: no cancellation
+    # gx = k * (g - gbeta / M - xhat * ggamma / M),  k = gamma * invstd,
+    # built in place in d: d * (-invstd * ggamma / M) - gbeta / M + g, times k.
+    k = gamma.astype(numpy.float64) * invstd
+    d *= _per_element(-invstd * ggamma / m, length, dtype)
+    d += _per_element(-gbeta / m, length, dtype)
+    d += g
+    d *= _per_element(k, length, dtype)
+    return d.reshape(x.shape), ggamma.astype(dtype), gbeta.astype(dtype)
+
+
+def _infer_forward_fast(x, gamma, beta, running_mean, running_var, eps, relu):
+    xp = backend.get_array_module(x)
+    n, c, length = _dims(x)
+    scale = gamma.astype(numpy.float64) / xp.sqrt(running_var.astype(numpy.float64) + eps)
+    shift = beta - running_mean * scale  # y = x * scale + shift: one multiply, one add
+    y = x.reshape(n, c * length) * _per_element(scale, length, x.dtype)  # (N, C*L)
+    y += _per_element(shift, length, x.dtype)
+    if relu:
+        xp.maximum(y, 0, out=y)
+    return y.reshape(x.shape)
+
+
+def _infer_backward_fast(gy, x, y, gamma, running_mean, running_var, eps, relu):
+    xp = backend.get_array_module(x)
+    n, c, length = _dims(x)
+    dtype = x.dtype
+    g = _masked(gy.reshape(n, c * length), y, relu)  # (N, C*L)
+    invstd = 1 / xp.sqrt(running_var.astype(numpy.float64) + eps)
+    d = x.reshape(n, c * length) - _per_element(running_mean, length, dtype)
+    ggamma = _channel_dot(g, d, c) * invstd
+    gbeta = _channel_sum(g, c)
+    d = xp.multiply(g, _per_element(gamma * invstd, length, dtype), out=d)  # reuse the buffer
+    return d.reshape(x.shape), ggamma.astype(dtype), gbeta.astype(dtype)

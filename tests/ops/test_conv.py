@@ -1,0 +1,455 @@
+"""conv2d (minitorch_gx.ops.conv), every check of the op in one place:
+
+1. the op against a naive seven-loop convolution, on every implementation;
+2. float64 gradients by finite differences (fast and reference paths);
+3. the NumPy fast path == the im2col reference, also cut into batch chunks;
+4. the CUDA kernels (launchers of minitorch_gx.cuda.conv) against the
+   reference, through the CPU emulator and on a GPU when there is one, at
+   several block sizes, in float32 and float64;
+5. op-level wiring: conv2d through the kernels (``run_on("emulated")`` /
+   CuPy) equals the fast path, and ``backend.choose`` never sends NumPy
+   arrays to a launcher outside ``emulate_kernels()``;
+6. argument checks.
+
+The naive reference loops over every output element and every kernel tap in
+plain Python, so it shares nothing with the im2col, lowering or kernel code.
+"""
+import numpy
+import pytest
+
+import minitorch_gx as mt
+from minitorch_gx import backend
+from minitorch_gx.cuda import conv as cuda_conv
+from minitorch_gx.cuda import device as cuda_device
+from minitorch_gx.cuda import emulator
+from minitorch_gx.functional import conv2d
+from minitorch_gx.ops import conv
+from tests.backends import (IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, assert_close, host,
+                            needs_emulator, needs_gpu, run_on, scaled)
+
+KERNEL_FILES = ("grouped_conv.cu", "grouped_conv_bwd_weight.cu")  # see tests/ops/conftest.py
+# Block sizes the kernels are run at (compile-time LAUNCH entries).
+BLOCK_SIZES = {"default": {},
+               "128-threads": {"CONV_THREADS": 128, "WGRAD_THREADS": 128},
+               "64-threads": {"CONV_THREADS": 64, "WGRAD_THREADS": 64}}
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _random(shape, rng, dtype=numpy.float64):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ==========================================================================
+# 1. The naive seven-loop reference
+# ==========================================================================
+def naive_conv2d(x, W, b, stride, padding, groups):
+    N, C, H, Wd = x.shape
+    K, iCg, R, S = W.shape
+    oCg = K // groups
+    (sh, sw), (ph, pw) = stride, padding
+    P, Q = (H + 2 * ph - R) // sh + 1, (Wd + 2 * pw - S) // sw + 1
+    y = numpy.zeros((N, K, P, Q))
+    for n in range(N):
+        for k in range(K):
+            g = k // oCg
+            for p in range(P):
+                for q in range(Q):
+                    acc = 0.0 if b is None else b[k]
+                    for i in range(iCg):
+                        for r in range(R):
+                            for s in range(S):
+                                h, w = p * sh + r - ph, q * sw + s - pw
+                                if 0 <= h < H and 0 <= w < Wd:
+                                    acc += W[k, i, r, s] * x[n, g * iCg + i, h, w]
+                    y[n, k, p, q] = acc
+    return y
+
+
+# (N, C, K, H, W, kernel, stride, padding, groups): odd sizes, strides, groups
+TINY = [
+    (2, 4, 6, 7, 9, 3, (1, 1), (1, 1), 2),
+    (1, 4, 4, 5, 7, 3, (2, 2), (1, 1), 4),
+    (3, 2, 3, 6, 5, 1, (2, 2), (0, 0), 1),
+    (1, 3, 4, 9, 9, 7, (2, 2), (3, 3), 1),
+    (2, 4, 4, 8, 7, 2, (2, 1), (0, 1), 2),
+    (1, 2, 2, 5, 5, 3, (3, 3), (2, 2), 1),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", TINY)
+def test_forward_matches_naive_loops(impl, case):
+    N, C, K, H, Wd, k, stride, padding, groups = case
+    rng = numpy.random.default_rng(1)
+    x, W, b = _random((N, C, H, Wd), rng), _random((K, C // groups, k, k), rng), _random(K, rng)
+    with run_on(impl) as dev:
+        y = conv2d(dev(x), dev(W), dev(b), stride, padding, groups).data
+    assert_close(y, naive_conv2d(x, W, b, stride, padding, groups), 1e-10, 1e-12, "y")
+
+
+# ResNeXt-like: 32 groups of 2 or 4 channels, the stem, 1x1 with stride and on small maps
+# (N, C, K, H, W, kernel, stride, padding, groups)
+RESNEXT_LIKE = [
+    (2, 64, 64, 15, 15, 3, 2, 1, 32),
+    (2, 128, 128, 9, 9, 3, 1, 1, 32),
+    (2, 3, 16, 23, 23, 7, 2, 3, 1),
+    (2, 32, 64, 15, 15, 1, 2, 0, 1),
+    (3, 64, 32, 7, 7, 1, 1, 0, 1),
+    (2, 64, 128, 5, 5, 1, 1, 0, 1),  # layer4-like: few pixels, many channels
+]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", [RESNEXT_LIKE[0], RESNEXT_LIKE[3], TINY[3]])
+def test_float32_stays_float32(impl, case):
+    N, C, K, H, Wd, k, stride, padding, groups = case
+    rng = numpy.random.default_rng(5)
+    x, W, b = (_random((N, C, H, Wd), rng, numpy.float32),
+               _random((K, C // groups, k, k), rng, numpy.float32), _random(K, rng, numpy.float32))
+    with run_on(impl) as dev:
+        xt, Wt, bt = (mt.Tensor(dev(a), requires_grad=True) for a in (x, W, b))
+        y = conv2d(xt, Wt, bt, stride, padding, groups)
+        y.backward(dev(_random(y.shape, rng, numpy.float32)))
+    assert {t.dtype for t in (y, xt.grad, Wt.grad, bt.grad)} == {numpy.dtype(numpy.float32)}
+    expected = naive_conv2d(x.astype(numpy.float64), W.astype(numpy.float64),
+                            b.astype(numpy.float64), _pair(stride), _pair(padding), groups)
+    assert_close(y.data, expected, 1e-4, 1e-4, "float32 y")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_matches_torch_when_available(impl):
+    torch = pytest.importorskip("torch")
+    rng = numpy.random.default_rng(7)
+    x, W, b = _random((2, 8, 11, 10), rng), _random((8, 2, 3, 3), rng), _random(8, rng)
+    gy = _random((2, 8, 6, 12), rng)
+    with run_on(impl) as dev:
+        xt = mt.Tensor(dev(x), requires_grad=True)
+        y = conv2d(xt, dev(W), dev(b), (2, 1), (1, 2), 4)
+        y.backward(dev(gy))
+    x_torch = torch.tensor(x, requires_grad=True)
+    y_torch = torch.nn.functional.conv2d(x_torch, torch.tensor(W), torch.tensor(b), (2, 1), (1, 2),
+                                         1, 4)
+    y_torch.backward(torch.tensor(gy))
+    assert_close(y.data, y_torch.detach().numpy(), 1e-10, 1e-12, "y")
+    assert_close(xt.grad, x_torch.grad.numpy(), 1e-10, 1e-12, "gx")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_no_input_gradient_when_the_input_needs_none(impl):
+    """The stem's input is the image: backward must not compute (or store) gx."""
+    rng = numpy.random.default_rng(6)
+    with run_on(impl) as dev:
+        x = mt.Tensor(dev(_random((1, 3, 9, 9), rng)))
+        W = mt.Tensor(dev(_random((4, 3, 7, 7), rng)), requires_grad=True)
+        y = conv2d(x, W, None, 2, 3)
+        gx, gW = y.creator.backward(dev(numpy.ones(y.shape)))
+    assert gx is None and gW.shape == W.shape
+
+
+# ==========================================================================
+# 2. Gradients by finite differences (float64)
+# ==========================================================================
+# batch 1, 2 and 3, groups 1, 2, 4, kernels 1, 3 and 7x7/2
+# (N, C, K, H, W, kernel, stride, padding, groups)
+GRAD_CASES = [
+    (1, 4, 6, 5, 7, 3, 1, 1, 2),
+    (3, 4, 4, 7, 5, 3, 2, 1, 4),
+    (3, 4, 6, 5, 5, 3, 2, 0, 2),
+    (1, 4, 8, 7, 7, 1, 1, 0, 1),
+    (3, 4, 4, 7, 5, 1, 2, 0, 2),
+    (1, 2, 3, 9, 9, 7, 2, 3, 1),
+    (2, 2, 4, 4, 5, 1, 1, 1, 1),  # a padded 1x1: gx through the general lowering path
+    (2, 4, 4, 5, 7, 3, 2, 1, 2),  # the old reference-path case, now with a bias too
+]
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradcheck_x_W_b(impl, case):
+    N, C, K, H, Wd, k, stride, padding, groups = case
+    rng = numpy.random.default_rng(2)
+    x = mt.Tensor(_random((N, C, H, Wd), rng), requires_grad=True)
+    W = mt.Tensor(_random((K, C // groups, k, k), rng), requires_grad=True)
+    b = mt.Tensor(_random(K, rng), requires_grad=True)
+    with run_on(impl):
+        mt.gradcheck(lambda x, W, b: conv2d(x, W, b, stride, padding, groups), [x, W, b],
+                     atol=1e-7, rtol=1e-6)
+
+
+def test_gradcheck_reference_path_without_bias():
+    rng = numpy.random.default_rng(3)
+    x = mt.Tensor(_random((2, 4, 5, 7), rng), requires_grad=True)
+    W = mt.Tensor(_random((4, 2, 3, 3), rng), requires_grad=True)
+    with backend.implementation("reference"):
+        mt.gradcheck(lambda x, W: conv2d(x, W, None, 2, 1, 2), [x, W], atol=1e-7, rtol=1e-6)
+
+
+# ==========================================================================
+# 3. Fast path == reference
+# ==========================================================================
+def _all_three(x, W, gy, stride, padding, groups):
+    args = (stride, padding, groups)
+    return (conv.conv2d_forward(x, W, *args),
+            conv.conv2d_backward_data(gy, W, x.shape, *args),
+            conv.conv2d_backward_weight(gy, x, W.shape, *args))
+
+
+@pytest.mark.parametrize("case", RESNEXT_LIKE)
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 2 * 4000])
+def test_fast_equals_reference(case, chunk_bytes, monkeypatch):
+    """Also with the batch cut into chunks of 1 and of 2 images (ragged end)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(conv, "CHUNK_BYTES", chunk_bytes)
+    N, C, K, H, Wd, k, stride, padding, groups = case
+    rng = numpy.random.default_rng(4)
+    x, W = _random((N, C, H, Wd), rng), _random((K, C // groups, k, k), rng)
+    fast_y = conv.conv2d_forward(x, W, stride, padding, groups)
+    gy = _random(fast_y.shape, rng)
+    fast = _all_three(x, W, gy, stride, padding, groups)
+    with backend.implementation("reference"):
+        ref = _all_three(x, W, gy, stride, padding, groups)
+    for name, a, r in zip(["y", "gx", "gW"], fast, ref):
+        assert_close(a, r, 1e-10, 1e-10, name)
+
+
+# ==========================================================================
+# 4. The CUDA kernels against the reference (emulator; GPU when present)
+# ==========================================================================
+# (N, C, H, W, K, groups, R, S, stride, padding)
+CONV_CASES = [
+    (2, 8, 7, 9, 12, 2, 3, 3, 1, 1),             # Kg = 6: a partial 8-row tile
+    (3, 6, 9, 8, 9, 3, 3, 3, 2, 1),              # stride 2, Kg = Cg = 3
+    (2, 128, 6, 5, 128, 32, 3, 3, 1, 1),         # ResNeXt layer1's 32 groups of 4
+    (2, 64, 9, 9, 64, 2, 3, 3, 2, 1),            # 32 channels per group, stride 2
+    (2, 8, 24, 25, 8, 2, 3, 3, 1, 1),            # more pixels than one tile holds
+    (1, 3, 15, 13, 10, 1, 7, 7, 2, 3),           # a stem: 7x7 stride 2, groups 1
+    (2, 4, 5, 5, 4, 4, 1, 1, 1, 0),              # depthwise 1x1
+    (1, 10, 6, 7, 80, 2, 1, 5, (1, 2), (0, 2)),  # Kg = 40 > 32: two row tiles; 1x5 filter
+    (1, 4, 3, 3, 4, 1, 5, 5, 1, 2),              # filter larger than the image
+    (2, 64, 13, 11, 64, 8, 3, 3, 2, 1),          # 8 groups of 8, stride 2
+    (2, 256, 9, 9, 256, 32, 3, 3, 1, 1),         # 32 groups of 8
+]
+# ResNeXt50's own shapes (batch 4 keeps the float64 host references to a few
+# seconds): GPU only, far too slow for the emulator.
+RESNEXT_CONVS = [
+    (4, 128, 56, 56, 128, 32, 3, 3, 1, 1),     # layer1 conv2
+    (4, 256, 56, 56, 256, 32, 3, 3, 2, 1),     # layer2.0 conv2 (stride 2)
+    (4, 256, 28, 28, 256, 32, 3, 3, 1, 1),
+    (4, 512, 28, 28, 512, 32, 3, 3, 2, 1),     # layer3.0
+    (4, 512, 14, 14, 512, 32, 3, 3, 1, 1),
+    (4, 1024, 14, 14, 1024, 32, 3, 3, 2, 1),   # layer4.0
+    (4, 1024, 7, 7, 1024, 32, 3, 3, 1, 1),
+    (4, 3, 224, 224, 64, 1, 7, 7, 2, 3),       # stem
+    (4, 256, 56, 56, 64, 1, 1, 1, 1, 0),       # 1x1 reduce (cuBLAS)
+    (4, 256, 56, 56, 512, 1, 1, 1, 2, 0),      # layer2 downsample (cuBLAS, stride 2)
+]
+# float32 tolerances, as the emulator and GPU tests had them:
+# (rtol, atol factor of y and gx, atol factor of gW) -- atol = factor * max(1, max |ref|)
+FLOAT32_TOL = {"emulated": (1e-5, 2e-5, 2e-5), "cupy": (1e-4, 3e-5, 1e-4)}
+
+
+def _case_id(case):
+    return "x".join(map(str, case[:8]))
+
+
+def _conv_data(case, dtype, seed, normalise=False):
+    n, c, h, w, k, g, r, s, stride, padding = case
+    rng = numpy.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    W = rng.standard_normal((k, c // g, r, s))
+    W = (W / numpy.sqrt(c // g * r * s) if normalise else W).astype(dtype)
+    y_ref = conv.conv2d_forward_reference(x.astype(numpy.float64), W.astype(numpy.float64),
+                                          stride, padding, g)
+    gy = rng.standard_normal(y_ref.shape).astype(dtype)
+    return x, W, gy, y_ref
+
+
+def _check_kernels(impl, case, tol, seed=0, normalise=False):
+    """The three launchers on float32 data against the float64 reference."""
+    rtol, factor, factor_gW = tol
+    x, W, gy, y_ref = _conv_data(case, numpy.float32, seed, normalise)
+    g, stride, padding = case[5], case[8], case[9]
+    x64, W64, gy64 = (a.astype(numpy.float64) for a in (x, W, gy))
+    gx_ref = conv.conv2d_backward_data_reference(gy64, W64, x.shape, stride, padding, g)
+    gW_ref = conv.conv2d_backward_weight_reference(gy64, x64, W.shape, stride, padding, g)
+    with run_on(impl) as dev:
+        y = cuda_conv.conv2d_forward(dev(x), dev(W), stride, padding, g)
+        gx = cuda_conv.conv2d_backward_data(dev(gy), dev(W), x.shape, stride, padding, g)
+        gW = cuda_conv.conv2d_backward_weight(dev(gy), dev(x), W.shape, stride, padding, g)
+    for got, ref, f, name in ((y, y_ref, factor, "forward"), (gx, gx_ref, factor, "backward data"),
+                              (gW, gW_ref, factor_gW, "backward weight")):
+        assert got.dtype == numpy.float32, name
+        assert_close(got, ref, rtol, scaled(ref, f), f"{impl} {case} {name}")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=_case_id)
+def test_conv_kernels_match_reference(impl, case, block_size):
+    _check_kernels(impl, case, FLOAT32_TOL[impl], seed=len(block_size))
+
+
+@pytest.mark.parametrize("impl", [pytest.param("cupy", marks=needs_gpu)])
+@pytest.mark.parametrize("case", RESNEXT_CONVS, ids=_case_id)
+def test_conv_kernels_at_resnext50_shapes(impl, case):
+    _check_kernels(impl, case, FLOAT32_TOL[impl], normalise=True)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[7]], ids=["stride2", "wide"])
+def test_conv_kernels_float64(impl, case):
+    x, W, gy, y_ref = _conv_data(case, numpy.float64, seed=3)
+    g, stride, padding = case[5], case[8], case[9]
+    gx_ref = conv.conv2d_backward_data_reference(gy, W, x.shape, stride, padding, g)
+    gW_ref = conv.conv2d_backward_weight_reference(gy, x, W.shape, stride, padding, g)
+    with run_on(impl) as dev:
+        y = cuda_conv.conv2d_forward(dev(x), dev(W), stride, padding, g)
+        gx = cuda_conv.conv2d_backward_data(dev(gy), dev(W), x.shape, stride, padding, g)
+        gW = cuda_conv.conv2d_backward_weight(dev(gy), dev(x), W.shape, stride, padding, g)
+    assert {a.dtype for a in (y, gx, gW)} == {numpy.dtype(numpy.float64)}
+    assert_close(y, y_ref, 1e-12, 1e-12, "forward")
+    assert_close(gx, gx_ref, 1e-12, 1e-12, "backward data")
+    assert_close(gW, gW_ref, 1e-12, 1e-11, "backward weight")
+
+
+class _NoLaunch:
+    """A device that refuses kernel launches (everything else passes through)."""
+
+    def __init__(self, device):
+        self._device = device
+
+    def __getattr__(self, name):
+        return getattr(self._device, name)
+
+    def launch(self, file, kernel, *args, **kwargs):
+        raise AssertionError(f"{kernel} was launched; a groups=1 1x1 conv should be a GEMM")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "kernel"])
+def test_pointwise_conv_goes_to_gemm_and_matches(impl, stride, gemm, monkeypatch):
+    """groups=1 1x1 convs: the cuBLAS route (no kernel launched) and our kernel
+    give the same answer as the reference."""
+    monkeypatch.setattr(cuda_conv, "GEMM_FOR_1X1", gemm)
+    if gemm:
+        device_for = cuda_conv.device_for
+        monkeypatch.setattr(cuda_conv, "device_for", lambda a: _NoLaunch(device_for(a)))
+    case = (2, 8, 5, 7, 6, 1, 1, 1, stride, 0)
+    _check_kernels(impl, case, FLOAT32_TOL[impl], seed=5)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_conv_kernels_reject_bad_shapes(impl):
+    x = numpy.zeros((1, 6, 5, 5), numpy.float32)
+    with run_on(impl) as dev:
+        with pytest.raises(ValueError, match="groups"):
+            cuda_conv.conv2d_forward(dev(x), dev(numpy.zeros((4, 4, 3, 3), numpy.float32)), 1, 1,
+                                     2)
+        with pytest.raises(TypeError, match="float32 or float64"):
+            cuda_conv.conv2d_forward(dev(x.astype(numpy.float16)),
+                                     dev(numpy.zeros((6, 3, 3, 3), numpy.float16)), 1, 1, 2)
+
+
+@needs_emulator
+def test_conv_kernel_refuses_a_block_size_it_was_not_compiled_for():
+    """grouped_conv.cu's tile geometry is fixed at compile time: a launch with
+    another block size must fail loudly (__trap), not compute garbage."""
+    dev = emulator.device()
+    x, W = dev.zeros((1, 4, 5, 5), numpy.float32), dev.zeros((4, 2, 3, 3), numpy.float32)
+    y = dev.empty((1, 4, 5, 5), numpy.float32)
+    dims = [1, 4, 5, 5, 4, 5, 5, 2, 3, 3, 1, 1, 1, 1, 4]  # N C H W K P Q G R S sh sw ph pw BM
+    module = emulator.build("grouped_conv.cu", dict(cuda_device.builds())["grouped_conv.cu"])
+    with pytest.raises(emulator.EmuError, match="__trap"):
+        module.launch("grouped_conv2d_fwd", (1, 2), 128, [x, W, y] + [numpy.int32(v) for v in dims])
+
+
+# ==========================================================================
+# 5. Op-level wiring: conv2d through the kernels equals the fast path
+# ==========================================================================
+LAUNCHERS = ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight")
+
+
+def _spy_on_launchers(monkeypatch):
+    """Count the calls of each launcher in minitorch_gx.cuda.conv."""
+    calls = {name: 0 for name in LAUNCHERS}
+    for name in LAUNCHERS:
+        def wrapper(*args, _launch=getattr(cuda_conv, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(cuda_conv, name, wrapper)
+    return calls
+
+
+def _conv_op(impl, x, W, b, gy, stride, padding, groups):
+    """(y, gx, gW, gb) of conv2d run on ``impl``, as NumPy arrays."""
+    with run_on(impl) as dev:
+        xt, Wt = mt.Tensor(dev(x), requires_grad=True), mt.Tensor(dev(W), requires_grad=True)
+        bt = None if b is None else mt.Tensor(dev(b), requires_grad=True)
+        y = conv2d(xt, Wt, bt, stride, padding, groups)
+        y.backward(dev(gy))
+    return [host(a) for a in (y.data, xt.grad, Wt.grad) + (() if b is None else (bt.grad,))]
+
+
+def _close_to_fast(a, b, tol=2e-5, what=""):
+    """As the old op-level tests: rtol = tol, atol = tol * max(1, max |fast|)."""
+    assert_close(a, b, tol, tol * max(1.0, float(numpy.abs(b).max())), what)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("stride,groups", [(1, 4), (2, 4), (2, 1)])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_conv2d_op_through_the_kernels(impl, stride, groups, bias, monkeypatch):
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 9, 7)).astype(numpy.float32)
+    W = rng.standard_normal((8, 8 // groups, 3, 3)).astype(numpy.float32)
+    b = rng.standard_normal(8).astype(numpy.float32) if bias else None
+    gy = numpy.random.default_rng(9).standard_normal(
+        (2, 8, (9 + 2 - 3) // stride + 1, (7 + 2 - 3) // stride + 1)).astype(numpy.float32)
+    fast = _conv_op("fast", x, W, b, gy, stride, 1, groups)
+    calls = _spy_on_launchers(monkeypatch)
+    kernels = _conv_op(impl, x, W, b, gy, stride, 1, groups)
+    assert calls == {name: 1 for name in LAUNCHERS}, "each launcher runs once"
+    for got, want, name in zip(kernels, fast, ["y", "gx", "gW", "gb"]):
+        assert got.dtype == numpy.float32, name
+        _close_to_fast(got, want, what=name)
+
+
+def test_launchers_are_not_called_for_host_arrays(monkeypatch):
+    """backend.choose: NumPy arrays outside emulate_kernels() take the fast
+    (or reference) path, never a CUDA launcher."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CUDA launcher was called for NumPy arrays")
+
+    for name in LAUNCHERS:
+        monkeypatch.setattr(cuda_conv, name, refuse)
+    rng = numpy.random.default_rng(11)
+    x = rng.standard_normal((2, 4, 6, 6)).astype(numpy.float32)
+    W = rng.standard_normal((4, 2, 3, 3)).astype(numpy.float32)
+    gy = numpy.ones((2, 4, 6, 6), numpy.float32)
+    for impl in ("fast", "reference"):
+        _conv_op(impl, x, W, None, gy, 1, 1, 2)
+    with pytest.raises(AssertionError, match="launcher was called"):  # the patch is live
+        _conv_op("emulated", x, W, None, gy, 1, 1, 2)
+
+
+# ==========================================================================
+# 6. Argument checks
+# ==========================================================================
+@pytest.mark.parametrize("x_shape, W_shape, groups, b_shape, message", [
+    ((1, 6, 5, 5), (4, 3, 3, 3), 4, None, "divisible by groups"),
+    ((1, 6, 5, 5), (4, 2, 3, 3), 2, None, "input channels per group"),
+    ((1, 4, 5, 5), (4, 4, 3, 3), 1, (3,), "bias"),
+    ((1, 4, 2, 2), (4, 4, 3, 3), 1, None, "larger than the padded input"),
+])
+def test_bad_shapes_raise_one_clear_error(x_shape, W_shape, groups, b_shape, message):
+    b = None if b_shape is None else numpy.zeros(b_shape)
+    with pytest.raises(ValueError, match=message):
+        conv2d(numpy.zeros(x_shape), numpy.zeros(W_shape), b, groups=groups)
+
+
+def test_mixed_dtypes_raise():
+    with pytest.raises(ValueError, match="dtype"):
+        conv2d(numpy.zeros((1, 2, 5, 5)), numpy.zeros((2, 2, 3, 3), numpy.float32))

@@ -1,0 +1,499 @@
+"""Batch norm (minitorch_gx.ops.norm), every check of the op in one place:
+
+1. forward against per-channel loops (training and eval), backward against
+   the textbook formula written per channel, and PyTorch, on every
+   implementation;
+2. float64 gradients by finite differences (fast and reference paths);
+3. the NumPy fast path == the reference;
+4. the running statistics, updated inside ``batch_norm_train_forward`` (by
+   bn_fwd_finalize on the kernel path), against PyTorch's formula and
+   ``update_running_reference``, on every implementation;
+5. the CUDA kernels (launchers of minitorch_gx.cuda.norm) against the
+   reference, through the CPU emulator and on a GPU when there is one, at
+   several block sizes; float32 variance far from zero;
+6. op-level wiring: batch_norm through the kernels (``run_on("emulated")`` /
+   CuPy) equals the fast path, saved state and running statistics included,
+   and ``backend.choose`` never sends NumPy arrays to a launcher outside
+   ``emulate_kernels()``;
+7. argument checks.
+
+``batch_norm_train_forward`` returns (y, mean, invstd), invstd = 1 / sqrt(biased
+var + eps); the tests recover var = 1 / invstd^2 - eps where the old ones checked var.
+"""
+import numpy as np
+import pytest
+
+import minitorch_gx as mt
+from minitorch_gx import backend
+from minitorch_gx.cuda import norm as cuda_norm
+from minitorch_gx.ops import norm
+from minitorch_gx.ops.norm import batch_norm
+from tests.backends import (IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, assert_close, host,
+                            launch_shapes, needs_gpu, run_on, scaled)
+
+KERNEL_FILES = ("batch_norm.cu",)  # emulator builds: tests/ops/conftest.py
+BLOCK_SIZES = {"default": {}, "128-threads": {"BN_THREADS": 128},
+               "64-threads": {"BN_THREADS": 64}}
+KERNELS = ("emulated", "cupy")
+
+
+SHAPES = [(1, 2, 3, 5), (3, 2, 5, 3), (2, 3, 1, 1), (3, 1, 4, 7)]
+
+
+def naive_stats(x):
+    """Per-channel mean and biased variance, one channel at a time."""
+    c = x.shape[1]
+    mean, var = np.zeros(c), np.zeros(c)
+    for ch in range(c):
+        v = x[:, ch].astype(np.float64).ravel()
+        mean[ch] = sum(v) / len(v)
+        var[ch] = sum((a - mean[ch]) ** 2 for a in v) / len(v)
+    return mean, var
+
+
+def naive_bn(x, mean, var, gamma, beta, eps, relu):
+    y = np.empty(x.shape)
+    for ch in range(x.shape[1]):
+        y[:, ch] = gamma[ch] * (x[:, ch] - mean[ch]) / np.sqrt(var[ch] + eps) + beta[ch]
+    return np.maximum(y, 0) if relu else y
+
+
+def make(shape, rng, dtype=np.float64, offset=0.5):
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 1.7 + offset).astype(dtype)
+    gamma = (rng.standard_normal(c) + 1).astype(dtype)
+    beta = rng.standard_normal(c).astype(dtype)
+    return x, gamma, beta
+
+
+def var_of(invstd, eps):
+    """The biased batch variance behind invstd = 1 / sqrt(var + eps), in float64."""
+    return 1 / host(invstd).astype(np.float64) ** 2 - eps
+
+
+# ==========================================================================
+# 1. Per-channel loops, the textbook backward, PyTorch
+# ==========================================================================
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_train_forward_matches_naive(impl, shape, relu):
+    rng = np.random.default_rng(1)
+    x, gamma, beta = make(shape, rng)
+    with run_on(impl) as dev:
+        y, mean, invstd = norm.batch_norm_train_forward(dev(x), dev(gamma), dev(beta), 1e-5, relu)
+    m, v = naive_stats(x)
+    assert_close(mean, m, 1e-12, 1e-12, "mean")
+    assert_close(invstd, 1 / np.sqrt(v + 1e-5), 1e-12, 1e-12, "invstd")
+    assert_close(var_of(invstd, 1e-5), v, 1e-12, 1e-12, "var")
+    assert_close(y, naive_bn(x, m, v, gamma, beta, 1e-5, relu), 1e-10, 1e-12, "y")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_eval_forward_matches_naive(impl, shape, relu):
+    rng = np.random.default_rng(2)
+    x, gamma, beta = make(shape, rng)
+    rm, rv = rng.standard_normal(shape[1]), rng.random(shape[1]) + 0.2
+    with run_on(impl) as dev:
+        y = norm.batch_norm_infer_forward(dev(x), dev(gamma), dev(beta), dev(rm), dev(rv), 1e-3,
+                                          relu)
+    assert_close(y, naive_bn(x, rm, rv, gamma, beta, 1e-3, relu), 1e-12, 1e-12, "y")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_backward_matches_naive_formula(impl):
+    """Training backward against the textbook formula written per channel."""
+    rng = np.random.default_rng(5)
+    x, gamma, beta = make((3, 2, 3, 4), rng)
+    gy = rng.standard_normal(x.shape)
+    with run_on(impl) as dev:
+        y, mean, invstd = norm.batch_norm_train_forward(dev(x), dev(gamma), dev(beta), 1e-5, False)
+        grads = norm.batch_norm_backward(dev(gy), dev(x), None, dev(gamma), mean, invstd, False)
+    gx, ggamma, gbeta = (host(a) for a in grads)
+    mean, invstd = host(mean), host(invstd)
+    for ch in range(2):
+        xc, g = x[:, ch].ravel(), gy[:, ch].ravel()
+        m = len(xc)
+        xhat = (xc - mean[ch]) * invstd[ch]
+        assert gbeta[ch] == pytest.approx(g.sum())
+        assert ggamma[ch] == pytest.approx((g * xhat).sum())
+        expect = gamma[ch] * invstd[ch] / m * (m * g - g.sum() - xhat * (g * xhat).sum())
+        assert_close(gx[:, ch].ravel(), expect, 1e-10, 1e-12, f"gx of channel {ch}")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_matches_torch(impl):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    x, gamma, beta = make((4, 3, 5, 6), rng)
+    gy = rng.standard_normal(x.shape)
+    with run_on(impl) as dev:
+        rm, rv = dev(np.zeros(3)), dev(np.ones(3))
+        xt, gt, bt = (mt.Tensor(dev(a), True) for a in (x, gamma, beta))
+        y = batch_norm(xt, rm, rv, gt, bt, training=True, momentum=0.1, relu=True)
+        y.backward(dev(gy))
+    txs = [torch.tensor(a, requires_grad=True) for a in (x, gamma, beta)]
+    trm, trv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    ty = torch.relu(torch.nn.functional.batch_norm(txs[0], trm, trv, txs[1], txs[2],
+                                                   training=True))
+    ty.backward(torch.tensor(gy))
+    assert_close(y.data, ty.detach().numpy(), 1e-10, 1e-12, "y")
+    for ours, theirs, name in zip((xt, gt, bt), txs, ("gx", "ggamma", "gbeta")):
+        assert_close(ours.grad, theirs.grad.numpy(), 1e-9, 1e-12, name)
+    assert_close(rm, trm.numpy(), 1e-12, 0, "running mean")
+    assert_close(rv, trv.numpy(), 1e-12, 0, "running var")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_eval_uses_running_statistics_and_leaves_them_alone(impl):
+    rng = np.random.default_rng(7)
+    x, gamma, beta = make((2, 3, 4, 5), rng)
+    rm0, rv0 = rng.standard_normal(3), rng.random(3) + 0.5
+    with run_on(impl) as dev:
+        rm, rv = dev(rm0), dev(rv0)
+        y = batch_norm(dev(x), rm, rv, mt.Tensor(dev(gamma)), mt.Tensor(dev(beta)),
+                       training=False, eps=1e-5)
+    # atol 0 as before on the host paths; the kernels (y = x * scale + shift,
+    # fused multiply-adds on a GPU) may differ by ~1e-16 where y is near 0
+    atol = 1e-12 if impl in KERNELS else 0
+    assert_close(y.data, naive_bn(x, rm0, rv0, gamma, beta, 1e-5, False), 1e-12, atol, "y")
+    np.testing.assert_array_equal(host(rm), rm0)
+    np.testing.assert_array_equal(host(rv), rv0)
+
+
+def test_training_without_running_statistics():
+    rng = np.random.default_rng(8)
+    x, gamma, beta = make((2, 3, 4, 5), rng)
+    y = batch_norm(x, None, None, mt.Tensor(gamma), mt.Tensor(beta), training=True)
+    m, v = naive_stats(x)
+    np.testing.assert_allclose(y.data, naive_bn(x, m, v, gamma, beta, 1e-5, False), rtol=1e-10)
+    with pytest.raises(ValueError, match="eval mode"):
+        batch_norm(x, None, None, mt.Tensor(gamma), mt.Tensor(beta), training=False)
+
+
+def test_parameters_default_to_identity_affine():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 3, 2, 2))
+    y = batch_norm(x, None, None, None, None, training=True, eps=0.0)
+    m, v = naive_stats(x)
+    np.testing.assert_allclose(y.data, naive_bn(x, m, v, np.ones(3), np.zeros(3), 0.0, False),
+                               rtol=1e-10)
+
+
+# ==========================================================================
+# 2. Gradients by finite differences (float64)
+# ==========================================================================
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("shape", [(1, 2, 3, 5), (3, 2, 5, 3), (2, 3, 1, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(impl, shape, relu, training):
+    rng = np.random.default_rng(3)
+    x, gamma, beta = make(shape, rng)
+    x, gamma, beta = (mt.Tensor(a, requires_grad=True) for a in (x, gamma, beta))
+    if training:  # no running statistics: gradcheck calls fn many times
+        rm = rv = None
+    else:
+        rm, rv = rng.standard_normal(shape[1]), rng.random(shape[1]) + 0.5
+
+    def fn(x, gamma, beta):
+        return batch_norm(x, rm, rv, gamma, beta, training=training, eps=1e-3, relu=relu)
+
+    with run_on(impl):
+        mt.gradcheck(fn, [x, gamma, beta], atol=1e-6, rtol=1e-5)
+
+
+# ==========================================================================
+# 3. Fast path == reference
+# ==========================================================================
+@pytest.mark.parametrize("relu", [False, True])
+def test_fast_equals_reference_float32(relu):
+    """The two paths agree in float32 on a larger, odd-sized input (running
+    statistics included); float32 stays float32."""
+    rng = np.random.default_rng(4)
+    shape = (5, 7, 9, 11)
+    x, gamma, beta = make(shape, rng, np.float32, offset=3.0)
+    gy = rng.standard_normal(shape).astype(np.float32)
+    rm = rng.standard_normal(7).astype(np.float32)
+    rv = (rng.random(7) + 0.5).astype(np.float32)
+    results = {}
+    for name in ("fast", "reference"):
+        with backend.implementation(name):
+            rm_new, rv_new = rm.copy(), rv.copy()
+            y, mean, invstd = norm.batch_norm_train_forward(x, gamma, beta, 1e-5, relu, rm_new,
+                                                            rv_new, 0.1)
+            grads = norm.batch_norm_backward(gy, x, y, gamma, mean, invstd, relu)
+            yi = norm.batch_norm_infer_forward(x, gamma, beta, rm, rv, 1e-5, relu)
+            gi = norm.batch_norm_infer_backward(gy, x, yi, gamma, rm, rv, 1e-5, relu)
+            results[name] = (y, mean, invstd) + grads + (yi,) + gi + (rm_new, rv_new)
+    for a, b in zip(results["fast"], results["reference"]):
+        assert a.dtype == np.float32 and a.shape == b.shape
+        scale = np.abs(b).max()
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale)
+
+
+# ==========================================================================
+# 4. Running statistics, updated by batch_norm_train_forward
+# ==========================================================================
+def pytorch_running_update(running_mean, running_var, x, momentum):
+    """PyTorch's rule, in float64: r = (1 - momentum) r + momentum * statistic,
+    with the unbiased batch variance."""
+    axes = (0, 2, 3)
+    x = x.astype(np.float64)
+    return ((1 - momentum) * running_mean.astype(np.float64) + momentum * x.mean(axis=axes),
+            (1 - momentum) * running_var.astype(np.float64) + momentum * x.var(axis=axes, ddof=1))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("momentum", [0.1, 0.3])
+def test_running_statistics_update(impl, momentum):
+    """One training step, 300 channels (two finalize blocks of 256 threads),
+    M = 50 values per channel; the kernels at every block size. The update
+    is checked twice: given the step's own batch statistics (the update's
+    arithmetic, as tightly as the old test of the separate update kernel), and
+    against PyTorch's rule applied to the data (the statistics' accuracy too)."""
+    rng = np.random.default_rng(2)
+    c, m = 300, 50
+    x = (rng.standard_normal((2, c, 5, 5)) * 1.5 + rng.standard_normal((1, c, 1, 1))).astype(
+        np.float32)
+    gamma, beta = np.ones(c, np.float32), np.zeros(c, np.float32)
+    rm0 = rng.standard_normal(c).astype(np.float32)
+    rv0 = (rng.random(c) + 0.5).astype(np.float32)
+    rm_torch, rv_torch = pytorch_running_update(rm0, rv0, x, momentum)
+    # update_running_reference (biased var in, unbiased out) is that same rule
+    rm64, rv64 = rm0.astype(np.float64), rv0.astype(np.float64)
+    x64 = x.astype(np.float64)
+    norm.update_running_reference(rm64, rv64, x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3)),
+                                  m, momentum)
+    assert_close(rm64, rm_torch, 1e-14, 1e-15, "update_running_reference mean")
+    assert_close(rv64, rv_torch, 1e-14, 1e-15, "update_running_reference var")
+    for name, threads in (BLOCK_SIZES.items() if impl in KERNELS else [("default", {})]):
+        with launch_shapes(**threads), run_on(impl) as dev:
+            rm, rv = dev(rm0), dev(rv0)
+            _, mean, invstd = norm.batch_norm_train_forward(dev(x), dev(gamma), dev(beta), 1e-5,
+                                                            True, rm, rv, momentum)
+        assert rm.dtype == np.float32 and rv.dtype == np.float32
+        rm_ref, rv_ref = rm0.astype(np.float64), rv0.astype(np.float64)
+        norm.update_running_reference(rm_ref, rv_ref, host(mean).astype(np.float64),
+                                      var_of(invstd, 1e-5), m, momentum)
+        assert_close(rm, rm_ref, 1e-6, 1e-7, f"running mean from the batch mean ({name})")
+        assert_close(rv, rv_ref, 1e-6, 1e-7, f"running var from the batch var ({name})")
+        assert_close(rm, rm_torch, 1e-6, 1e-6, f"running mean, PyTorch's rule ({name})")
+        assert_close(rv, rv_torch, 1e-6, 1e-6, f"running var, PyTorch's rule ({name})")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("momentum", [0.1, 0.3])
+def test_running_statistics_after_several_steps(impl, momentum):
+    rng = np.random.default_rng(6)
+    c = 3
+    expect_m, expect_v = np.zeros(c), np.ones(c)
+    with run_on(impl) as dev:
+        rm, rv = dev(np.zeros(c, np.float32)), dev(np.ones(c, np.float32))
+        gamma = mt.Tensor(dev(np.ones(c, np.float32)), requires_grad=True)
+        beta = mt.Tensor(dev(np.zeros(c, np.float32)), requires_grad=True)
+        for step in range(4):
+            x = (rng.standard_normal((2, c, 3, 5)) * (step + 1) + step).astype(np.float32)
+            batch_norm(dev(x), rm, rv, gamma, beta, training=True, momentum=momentum)
+            m, v = naive_stats(x)
+            n = x.size // c
+            expect_m = (1 - momentum) * expect_m + momentum * m
+            expect_v = (1 - momentum) * expect_v + momentum * v * n / (n - 1)  # unbiased
+    assert rm.dtype == np.float32 and rv.dtype == np.float32
+    assert_close(rm, expect_m, 1e-5, 1e-6, "running mean")
+    assert_close(rv, expect_v, 1e-5, 1e-6, "running var")
+
+
+# ==========================================================================
+# 5. The CUDA kernels against the reference (emulator; GPU when present)
+# ==========================================================================
+BN_SHAPES = [(3, 5, 7, 9), (2, 70, 3, 1), (4, 3, 1, 1), (1, 2, 37, 41), (6, 3, 20, 20)]
+# ResNeXt50's own sizes: GPU only, far too slow for the emulator
+BN_GPU_SHAPES = [(4, 256, 56, 56), (4, 2048, 7, 7), (4, 64, 112, 112)]
+# (rtol, atol) per quantity, as the emulator and GPU tests had them; the
+# gradients' atol is scaled(ref, factor) = factor * max(1, max |ref|)
+BN_TOL = {"emulated": {"mean": (1e-6, 1e-5), "var": (1e-5, 1e-5), "y": (1e-5, 1e-5),
+                       "grad": (1e-4, 2e-5)},
+          "cupy": {"mean": (1e-4, 1e-4), "var": (1e-4, 1e-4), "y": (1e-4, 1e-4),
+                   "grad": (1e-3, 1e-4)}}
+
+
+def _check_kernels(impl, shape, relu, x_scale, x_offset, seed):
+    """Every launcher of cuda/norm.py on float32 data against the float64 reference."""
+    tol = BN_TOL[impl]
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = (rng.standard_normal(shape) * x_scale + x_offset).astype(np.float32)
+    gamma, beta = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+    gy = rng.standard_normal(shape).astype(np.float32)
+    rmean = rng.standard_normal(c).astype(np.float32)
+    rvar = (rng.random(c) + 0.5).astype(np.float32)
+    x64, gy64 = x.astype(np.float64), gy.astype(np.float64)
+
+    with run_on(impl) as dev:
+        xd, gd, bd, gyd = dev(x), dev(gamma), dev(beta), dev(gy)
+        y, mean, invstd = cuda_norm.batch_norm_train_forward(xd, gd, bd, 1e-5, relu)
+        train_grads = cuda_norm.batch_norm_backward(gyd, xd, y, gd, mean, invstd, relu)
+        yi = cuda_norm.batch_norm_infer_forward(xd, gd, bd, dev(rmean), dev(rvar), 1e-5, relu)
+        infer_grads = cuda_norm.batch_norm_infer_backward(gyd, xd, yi, gd, dev(rmean), dev(rvar),
+                                                          1e-5, relu)
+    for a in (y, mean, invstd, yi) + train_grads + infer_grads:
+        assert a.dtype == np.float32
+
+    y_ref, mean_ref, invstd_ref = norm.batch_norm_train_forward_reference(x64, gamma, beta, 1e-5,
+                                                                          relu)
+    var_ref = x64.var(axis=(0, 2, 3))
+    assert_close(mean, mean_ref, *tol["mean"], "batch mean")
+    assert_close(var_of(invstd, 1e-5), var_ref, *tol["var"], "batch var")
+    assert_close(invstd, invstd_ref, tol["var"][0], 0, "batch invstd")
+    assert_close(y, y_ref, *tol["y"], "train forward y")
+
+    rtol, factor = tol["grad"]
+    refs = norm.batch_norm_backward_reference(gy64, x64, host(y).astype(np.float64), gamma,
+                                              host(mean), host(invstd), relu)
+    for got, ref, name in zip(train_grads, refs, ("gx", "ggamma", "gbeta")):
+        assert_close(got, ref, rtol, scaled(ref, factor), f"train backward {name}")
+
+    yi_ref = norm.batch_norm_infer_forward_reference(x64, gamma, beta, rmean, rvar, 1e-5, relu)
+    assert_close(yi, yi_ref, *tol["y"], "inference forward")
+    refs = norm.batch_norm_infer_backward_reference(gy64, x64, yi_ref, gamma, rmean, rvar, 1e-5,
+                                                    relu)
+    for got, ref, name in zip(infer_grads, refs, ("gx", "ggamma", "gbeta")):
+        assert_close(got, ref, rtol, scaled(ref, factor), f"inference backward {name}")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_batch_norm_kernels_match_reference(impl, shape, relu, block_size):
+    _check_kernels(impl, shape, relu, x_scale=3, x_offset=5, seed=7)  # a mean far from 0
+
+
+@pytest.mark.parametrize("impl", [pytest.param("cupy", marks=needs_gpu)])
+@pytest.mark.parametrize("shape", BN_GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_batch_norm_kernels_at_resnext50_shapes(impl, shape, relu):
+    _check_kernels(impl, shape, relu, x_scale=2, x_offset=3, seed=1)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("std,shape,seed,rtol", [(1.0, (8, 2, 16, 16), 9, 1e-3),
+                                                 (0.1, (4, 3, 16, 16), 11, 2e-3)],
+                         ids=["std1", "std0.1"])
+def test_float32_variance_is_stable_under_a_large_mean(impl, std, shape, seed, rtol):
+    """mean 1e4: E[x^2] - E[x]^2 (a sum of squares) in float32 would lose every digit."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * std + 1e4).astype(np.float32)
+    c = shape[1]
+    ones, zeros = np.ones(c, np.float32), np.zeros(c, np.float32)
+    with run_on(impl) as dev:
+        y, mean, invstd = norm.batch_norm_train_forward(dev(x), dev(ones), dev(zeros), 1e-5, False)
+    assert invstd.dtype == np.float32
+    _, v = naive_stats(x)
+    assert_close(var_of(invstd, 1e-5), v, rtol, 0, "variance")
+    assert_close(host(y).reshape(shape[0], c, -1).std(axis=(0, 2)), np.ones(c), rtol, 0,
+                 "std of y")
+
+
+# ==========================================================================
+# 6. Op-level wiring: batch_norm through the kernels equals the fast path
+# ==========================================================================
+LAUNCHERS = ("batch_norm_train_forward", "batch_norm_backward", "batch_norm_infer_forward",
+             "batch_norm_infer_backward")
+
+
+def _spy_on_launchers(monkeypatch):
+    """Count the calls of each launcher in minitorch_gx.cuda.norm."""
+    calls = {name: 0 for name in LAUNCHERS}
+    for name in LAUNCHERS:
+        def wrapper(*args, _launch=getattr(cuda_norm, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(cuda_norm, name, wrapper)
+    return calls
+
+
+def _bn_op(impl, x, gamma, beta, training, relu):
+    """batch_norm run on ``impl`` -> y, its gradients, the state saved for
+    backward (batch mean, invstd, the ReLU output) and the running statistics."""
+    c = x.shape[1]
+    rng = np.random.default_rng(9)
+    gy = rng.standard_normal(x.shape).astype(x.dtype)
+    if training:
+        rm0, rv0 = np.zeros(c, np.float32), np.ones(c, np.float32)
+    else:
+        rm0, rv0 = rng.standard_normal(c).astype(np.float32), (rng.random(c) + 0.5).astype(
+            np.float32)
+    with run_on(impl) as dev:
+        rm, rv = dev(rm0), dev(rv0)
+        tensors = [mt.Tensor(dev(a), requires_grad=True) for a in (x, gamma, beta)]
+        y = batch_norm(tensors[0], rm, rv, tensors[1], tensors[2], training=training, relu=relu)
+        f = y.creator
+        saved = {"mean": host(f.mean), "invstd": host(f.invstd)} if training else {}
+        if relu:
+            saved["y"] = host(f.y)
+        y.backward(dev(gy))
+    grads = [host(t.grad) for t in tensors]
+    return host(y.data), grads, saved, (host(rm), host(rv))
+
+
+def _close_to_fast(a, b, tol=2e-5, what=""):
+    """As the old op-level tests: rtol = tol, atol = tol * max(1, max |fast|)."""
+    assert_close(a, b, tol, tol * max(1.0, float(np.abs(b).max())), what)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (3, 4, 5, 7)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_op_through_the_kernels(impl, shape, relu, training, monkeypatch):
+    rng = np.random.default_rng(1)
+    c = shape[1]
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
+    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    beta = rng.standard_normal(c).astype(np.float32)
+    y0, g0, saved0, stats0 = _bn_op("fast", x, gamma, beta, training, relu)
+    calls = _spy_on_launchers(monkeypatch)
+    y1, g1, saved1, stats1 = _bn_op(impl, x, gamma, beta, training, relu)
+    used = LAUNCHERS[:2] if training else LAUNCHERS[2:]
+    assert calls == {name: int(name in used) for name in LAUNCHERS}
+    assert y1.dtype == np.float32
+    _close_to_fast(y1, y0, what="y")
+    for a, b, name in zip(g1, g0, ("gx", "ggamma", "gbeta")):
+        assert a.dtype == np.float32, name
+        _close_to_fast(a, b, 1e-4, name)
+    assert saved1.keys() == saved0.keys()
+    for name in saved0:
+        _close_to_fast(saved1[name], saved0[name], what=f"saved {name}")
+    for a, b, name in zip(stats1, stats0, ("running mean", "running var")):
+        assert a.dtype == np.float32, name
+        _close_to_fast(a, b, what=name)
+
+
+def test_launchers_are_not_called_for_host_arrays(monkeypatch):
+    """backend.choose: NumPy arrays outside emulate_kernels() take the fast
+    (or reference) path, never a CUDA launcher."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CUDA launcher was called for NumPy arrays")
+
+    for name in LAUNCHERS:
+        monkeypatch.setattr(cuda_norm, name, refuse)
+    x, gamma, beta = make((2, 2, 3, 3), np.random.default_rng(11))
+    for impl in ("fast", "reference"):
+        for training in (True, False):
+            _bn_op(impl, x, gamma, beta, training, True)
+    with pytest.raises(AssertionError, match="launcher was called"):  # the patch is live
+        _bn_op("emulated", x, gamma, beta, True, True)
+
+
+# ==========================================================================
+# 7. Argument checks
+# ==========================================================================
+def test_bad_arguments_raise():
+    x = np.zeros((1, 3, 1, 1))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        batch_norm(x, None, None, None, None, training=True)
+    with pytest.raises(ValueError, match="weight has shape"):
+        batch_norm(np.zeros((2, 3, 2, 2)), None, None, mt.Tensor(np.ones(4)), None, training=True)
