@@ -6,7 +6,10 @@ generated dataset and settings sized to finish in minutes on a CPU. Any flag
 given explicitly still wins.
 """
 import argparse
+import copy
 import os
+
+from .runtime import UserError
 
 RECIPE = dict(arch="resnext50_32x4d", per_batch_size=128, lr=0.4, max_epoch=150,
               warmup_epochs=1, image_size=224, ckpt_interval=5, zero_init_residual=True,
@@ -54,6 +57,10 @@ def _common(p):
     p.add_argument("--arch", default=None, choices=["resnext50_32x4d", "resnext_mini"],
                    help="model (resnext50_32x4d; resnext_mini is the demo's reduced width)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dist_timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="under mpirun: a collective (gradient allreduce, broadcast, barrier) "
+                        "that takes longer ends the job with one line naming the rank and the "
+                        "collective (default 600)")
 
 
 def train_parser():
@@ -108,3 +115,85 @@ def fill_defaults(args):
             setattr(args, key, value)
     args.demo = args.data_path is None and not getattr(args, "synthetic", False)
     return args
+
+
+# The settings that shape a run: --resume takes them from the checkpoint.
+RESUMED_SETTINGS = ("arch", "per_batch_size", "image_size", "lr", "warmup_epochs", "max_epoch",
+                    "seed", "min_crop_scale", "zero_init_residual", "weight_decay", "momentum",
+                    "label_smooth_factor", "steps_per_epoch")
+
+# Both architectures halve the image five times (stem conv, max pool, layer2,
+# layer3, layer4): below 32 pixels the last stages see one pixel of real data
+# and their strides do nothing; the recipe's network is not being trained.
+MIN_IMAGE_SIZE = 32
+
+
+def explicit_flags(parser, argv):
+    """The destinations of the flags given on the command line (not defaulted)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def _check(problems, ok, flag, value, must):
+    if value is not None and not ok(value):
+        problems.append(f"{flag} {value}: must be {must}")
+
+
+def validate_train_args(args):
+    """Every flag checked before any work starts: one UserError listing what is wrong."""
+    p = []
+    _check(p, lambda v: v >= 1, "--per_batch_size", args.per_batch_size, "at least 1")
+    _check(p, lambda v: v >= MIN_IMAGE_SIZE, "--image_size", args.image_size,
+           f"at least {MIN_IMAGE_SIZE}, the smallest size {args.arch} supports (it halves the "
+           f"image five times)")
+    _check(p, lambda v: v > 0, "--lr", args.lr, "greater than 0")
+    _check(p, lambda v: v >= 1, "--max_epoch", args.max_epoch, "at least 1")
+    _check(p, lambda v: v >= 0, "--warmup_epochs", args.warmup_epochs, "0 or more")
+    _check(p, lambda v: v >= 0, "--weight_decay", args.weight_decay, "0 or more")
+    _check(p, lambda v: 0 <= v < 1, "--momentum", args.momentum, "in [0, 1)")
+    _check(p, lambda v: 0 <= v < 1, "--label_smooth_factor", args.label_smooth_factor,
+           "in [0, 1)")
+    _check(p, lambda v: v >= 1, "--ckpt_interval", args.ckpt_interval, "at least 1 (epochs)")
+    _check(p, lambda v: v >= 1, "--ckpt_save_max", args.ckpt_save_max,
+           "at least 1 (checkpoints kept)")
+    _check(p, lambda v: v >= 1, "--log_interval", args.log_interval, "at least 1 (steps)")
+    _check(p, lambda v: v >= 1, "--steps_per_epoch", args.steps_per_epoch, "at least 1")
+    _check(p, lambda v: v >= 0, "--num_workers", args.num_workers, "0 or more")
+    _check(p, lambda v: v > 0, "--dist_timeout", args.dist_timeout, "greater than 0 (seconds)")
+    _check(p, lambda v: 0 < v <= 1, "--min_crop_scale", args.min_crop_scale, "in (0, 1]")
+    if args.data_path is not None and not os.path.isdir(args.data_path):
+        p.append(f"--data_path {args.data_path}: no such folder")
+    _check_output_path(p, args.output_path)
+    for flag in ("resume", "checkpoint_file_path"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.exists(path):
+            p.append(f"--{flag} {path}: no such file or folder")
+    if p:
+        raise UserError("; ".join(p))
+
+
+def validate_eval_args(args):
+    p = []
+    _check(p, lambda v: v >= 1, "--per_batch_size", args.per_batch_size, "at least 1")
+    _check(p, lambda v: v >= MIN_IMAGE_SIZE, "--image_size", args.image_size,
+           f"at least {MIN_IMAGE_SIZE}")
+    _check(p, lambda v: v >= 0, "--num_workers", args.num_workers, "0 or more")
+    if args.data_path is not None and not os.path.isdir(args.data_path):
+        p.append(f"--data_path {args.data_path}: no such folder")
+    if args.checkpoint_file_path is not None and not os.path.exists(args.checkpoint_file_path):
+        p.append(f"--checkpoint_file_path {args.checkpoint_file_path}: no such file or folder")
+    if p:
+        raise UserError("; ".join(p))
+
+
+def _check_output_path(problems, path):
+    """A folder we can create run folders in (it may not exist yet)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        problems.append(f"--output_path {path}: {probe} is a file, not a folder")
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problems.append(f"--output_path {path}: {probe} is not writable")

@@ -22,6 +22,7 @@ import os
 import pickle
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -166,17 +167,23 @@ def load_pth(path):
     if not zipfile.is_zipfile(path):
         raise ConvertError(f"{path} is not a PyTorch zip checkpoint (files from torch < 1.6 "
                            f"use a legacy format: load and re-save them with a newer torch)")
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise ConvertError(f"{path}: expected one <name>/data.pkl record, found {len(pickles)}")
-        unpickler = _StateDictUnpickler(archive, pickles[0][:-len("data.pkl")], path)
-        try:
-            return unpickler.load()
-        except ConvertError:
-            raise
-        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError) as e:
-            raise ConvertError(f"{path}: damaged or unsupported pickle ({type(e).__name__}: {e})") from None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist()
+                       if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise ConvertError(f"{path}: expected one <name>/data.pkl record, "
+                                   f"found {len(pickles)}")
+            unpickler = _StateDictUnpickler(archive, pickles[0][:-len("data.pkl")], path)
+            try:
+                return unpickler.load()
+            except ConvertError:
+                raise
+            except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError) as e:
+                raise ConvertError(f"{path}: damaged or unsupported pickle "
+                                   f"({type(e).__name__}: {e})") from None
+    except (zipfile.BadZipFile, zlib.error) as e:  # a bad CRC, a truncated record, ...
+        raise ConvertError(f"{path}: damaged zip archive ({type(e).__name__}: {e})") from None
 
 
 def _state_dict_of(obj, source):

@@ -1,8 +1,19 @@
 """The evaluation of eval.py: top-1 and top-5 accuracy of one checkpoint, or of
 every checkpoint in a folder (newest epoch first), with the original's log
 lines. Under mpirun each rank scores its own shard and the counts are summed.
+
+What is not trusted: a checkpoint (or weights file) holding a NaN or an
+infinity is refused before it is scored; a row of logits with a non-finite
+value is scored wrong and counted (``N of M rows had non-finite logits``);
+ties between logits go by class index (``topk_correct``), so a constant model
+scores chance. In a folder, a checkpoint that cannot be read, is refused or
+does not fit is reported in one line on stderr and skipped; the others are
+scored and the exit status is 1. Each unreadable image is named once in the
+log, with the reason; a data folder with no readable image is an error.
 """
+import collections
 import os
+import sys
 import time
 
 import numpy
@@ -12,8 +23,9 @@ from minitorch_gx import backend
 from minitorch_gx.functional import topk_correct
 
 from . import checkpoint as ckpt
-from .config import DEFAULT_OUTPUT, eval_parser
-from .dataset import ImageFolder
+from .config import DEFAULT_OUTPUT, eval_parser, validate_eval_args
+from .convert import ConvertError
+from .dataset import DataError, ImageFolder
 from .demo_data import ensure_demo_dataset
 from .loader import IGNORE, Loader
 from .model import build_model
@@ -61,13 +73,36 @@ def model_for(path, state, meta, args, num_classes):
     return model
 
 
+def load_scorable(path, args, num_classes):
+    """(model, meta) of a checkpoint or weights file, refusing one whose arrays
+    are not all finite. Raises CheckpointError, ConvertError or UserError with
+    one line naming the file."""
+    if path.endswith(".ckpt"):
+        state, _, meta = ckpt.load_checkpoint(path)
+    else:
+        state, meta = ckpt.load_model_weights(path), {}
+    bad = ckpt.nonfinite_arrays(state)
+    if bad:
+        raise ckpt.CheckpointError(f"{path}: {len(bad)} of {len(state)} arrays hold NaN or inf "
+                                   f"values (e.g. {bad[0]!r}): refusing to score it")
+    return model_for(path, state, meta, args, num_classes), meta
+
+
+Scores = collections.namedtuple("Scores", "top1 top5 total rate nonfinite")
+Scores.__doc__ = """Summed over all ranks: top-1 and top-5 correct, images scored,
+images per second, and rows whose logits were not all finite (scored wrong)."""
+
+
 def evaluate(model, loader, xp, group):
-    """Return (top1_correct, top5_correct, total, images_per_second) summed
-    over all ranks."""
+    """Return ``Scores(top1, top5, total, rate, nonfinite)`` summed over all ranks.
+
+    A row with a NaN or infinite logit is scored wrong (``topk_correct``) and
+    counted in ``nonfinite``; rows of unreadable images are not scored."""
     model.eval()
-    top1 = top5 = total = 0
+    top1 = top5 = total = nonfinite = 0
     start = time.perf_counter()
-    with mt.no_grad():
+    # overflow to inf / NaN is reported as the count of non-finite rows, not as warnings
+    with mt.no_grad(), numpy.errstate(over="ignore", invalid="ignore"):
         for images, labels in loader:
             keep = labels != IGNORE  # rows of unreadable images are not scored
             if not keep.all():
@@ -79,18 +114,20 @@ def evaluate(model, loader, xp, group):
             labels = xp.asarray(labels)
             top1 += topk_correct(logits, labels, 1)
             top5 += topk_correct(logits, labels, min(5, logits.shape[1]))
+            nonfinite += int((~xp.isfinite(logits.data).all(axis=1)).sum())
             total += len(labels)
     seconds = time.perf_counter() - start
-    counts = group.allreduce_sum(numpy.array([top1, top5, total], dtype=numpy.int64))
+    counts = group.allreduce_sum(numpy.array([top1, top5, total, nonfinite], dtype=numpy.int64))
     rate = group.allreduce_sum(total / max(seconds, 1e-9))
-    return int(counts[0]), int(counts[1]), int(counts[2]), rate
+    return Scores(int(counts[0]), int(counts[1]), int(counts[2]), rate, int(counts[3]))
 
 
 def main(argv=None):
     args = eval_parser().parse_args(argv)
     args.per_batch_size = args.per_batch_size or 128
+    validate_eval_args(args)
     device = choose_device(args.device_target)
-    group = process_group(args.run_distribute, device)
+    group = process_group(args.run_distribute, device, args.dist_timeout)
     log = setup_logger(None, group.rank)
     xp = backend.cupy if device == "gpu" else numpy
 
@@ -101,30 +138,57 @@ def main(argv=None):
     if root is None:
         root = os.path.join(ensure_demo_dataset(), "val")
     dataset = ImageFolder(root)
-    results = []
+    one_file = not os.path.isdir(target)
+    results, failed, named = [], [], set()
     for path in paths:
-        if path.endswith(".ckpt"):
-            state, _, meta = ckpt.load_checkpoint(path)
-        else:
-            state, meta = ckpt.load_model_weights(path), {}
-        model = model_for(path, state, meta, args, len(dataset.classes))
+        try:
+            model, meta = load_scorable(path, args, len(dataset.classes))
+        except (ckpt.CheckpointError, ConvertError, UserError) as e:
+            if one_file:
+                raise  # main_guard: one line, exit status 1
+            failed.append(path)  # every rank reads the same file and skips it alike
+            if group.rank == 0:
+                print(f"error: {e}; skipped", file=sys.stderr)
+            continue
         size = args.image_size or meta.get("image_size", 224)  # a run's own size by default
         if device == "gpu":
             model.to("gpu")
         loader = Loader(dataset, batch_size=args.per_batch_size, train=False, image_size=size,
                         num_workers=args.num_workers, seed=args.seed, rank=group.rank,
-                        world_size=group.world_size, eval_resize=args.eval_resize)
-        top1, top5, total, rate = evaluate(model, loader, xp, group)
+                        world_size=group.world_size, eval_resize=args.eval_resize,
+                        warn_unreadable=False)  # named in this log below, once
+        scores = evaluate(model, loader, xp, group)
+        loader.close()
+        if scores.total == 0:
+            example = next(iter(loader.unreadable.items()), None)
+            raise DataError(f"no image in {root} could be read: all {len(dataset.samples)} files "
+                            f"are unreadable" + (f", e.g. {example[0]} ({example[1]})"
+                                                 if example else ""))
+        top1, top5, total = scores.top1, scores.top5, scores.total
         log.info(f"evaluating {path}")
-        log.info(f"Inference Performance: {rate:.2f} img/sec")
+        log.info(f"Inference Performance: {scores.rate:.2f} img/sec")
         log.info(f"top1_correct={top1}, tot={total}, acc={100.0 * top1 / total:.2f}%(TOP1)")
         log.info(f"top5_correct={top5}, tot={total}, acc={100.0 * top5 / total:.2f}%(TOP5)")
-        if loader.corrupt_count:
-            log.warning(f"{loader.corrupt_count} unreadable image(s) skipped on rank "
-                        f"{group.rank}: {', '.join(loader.corrupt_paths[:3])}")
-        results.append((path, top1 / total, top5 / total))
+        if scores.nonfinite:
+            log.warning(f"{scores.nonfinite} of {total} rows had non-finite logits and were "
+                        f"scored wrong")
+        for image, reason in loader.unreadable.items():
+            if image not in named:
+                named.add(image)
+                log.warning(f"unreadable image {image} ({reason}): not scored")
+        if loader.unreadable:
+            log.warning(f"{loader.unreadable_count} unreadable image(s) skipped on rank "
+                        f"{group.rank}")
+        results.append((path, top1 / total, top5 / total, total))
     if group.rank == 0:
-        best = max(results, key=lambda r: r[1])
-        print(f"summary: {len(results)} checkpoint(s) on {total} images of {root}; best top-1 "
-              f"{100 * best[1]:.2f}% top-5 {100 * best[2]:.2f}% ({os.path.basename(best[0])})")
-    return 0
+        not_scored = (f"; {len(failed)} checkpoint(s) could not be scored (see the errors "
+                      f"above)" if failed else "")
+        if results:
+            best = max(results, key=lambda r: r[1])
+            print(f"summary: {len(results)} checkpoint(s) on {results[-1][3]} images of {root}; "
+                  f"best top-1 {100 * best[1]:.2f}% top-5 {100 * best[2]:.2f}% "
+                  f"({os.path.basename(best[0])}){not_scored}")
+        else:
+            print(f"summary: no checkpoint could be scored: {len(failed)} checkpoint(s) could "
+                  f"not be read or were refused (see the errors above)")
+    return 1 if failed else 0

@@ -19,11 +19,15 @@ Randomness: sample i of epoch e is augmented with a generator seeded by
 (seed, e, i, attempt), so the output does not depend on the number of workers
 or ranks.
 
-Unreadable images: a file that fails to decode is counted in ``corrupt_count``
-and listed in ``corrupt_paths``; an epoch never stops for one bad file. In
-training it is replaced by the next sample of the dataset (i+1, i+2, ...). In
-evaluation its row is a blank image labelled ``IGNORE`` (-1), so that no image
-is scored twice: the evaluator drops those rows.
+Unreadable images: a file that fails to *decode* (``transforms.DECODE_ERRORS``)
+is recorded in ``loader.unreadable``, a dict path -> reason holding each file
+once, in the order first met (``unreadable_count`` = its length); an epoch
+never stops for one bad file. In training it is replaced by the next sample of
+the dataset (i+1, i+2, ...). In evaluation its row is a blank image labelled
+``IGNORE`` (-1), so that no image is scored twice: the evaluator drops those
+rows. Any other exception while preparing a sample (e.g. a crop size of 0) is
+a bug, not a bad file: it propagates (from a worker, as a RuntimeError whose
+first line names the exception and the file).
 
 Workers: ``num_workers`` processes split every batch into chunks and write
 pixels straight into a ring of batch buffers in shared memory, so image data
@@ -68,11 +72,13 @@ class _Recipe:
 
 
 def load_sample(recipe, index, epoch):
-    """Image and label for dataset sample ``index`` in ``epoch``: (uint8 (S, S, 3), int, bad paths).
+    """Image and label for dataset sample ``index`` in ``epoch``:
+    (uint8 (S, S, 3), int, [(path, reason) of the unreadable files met]).
 
     Training: an unreadable file is replaced by the next sample of the dataset,
     with a fresh random stream (seeded by the attempt number too). Evaluation:
-    a blank image labelled IGNORE.
+    a blank image labelled IGNORE. Only decoding failures count as unreadable;
+    any other exception propagates.
     """
     bad = []
     n = len(recipe.samples)
@@ -81,27 +87,39 @@ def load_sample(recipe, index, epoch):
         try:
             return (transforms.resize_center_crop(path, recipe.image_size, mode=recipe.eval_resize),
                     label, bad)
-        except transforms.DECODE_ERRORS:
+        except transforms.DECODE_ERRORS as e:
             size = recipe.image_size
-            return np.zeros((size, size, 3), np.uint8), IGNORE, [path]
+            return np.zeros((size, size, 3), np.uint8), IGNORE, [(path, e.reason)]
     for attempt in range(MAX_REPLACEMENTS):
         path, label = recipe.samples[(index + attempt) % n]
         try:
             rng = np.random.default_rng((recipe.seed, epoch, index, attempt))
             image = transforms.train_augment(path, recipe.image_size, rng, scale=recipe.crop_scale)
             return image, label, bad
-        except transforms.DECODE_ERRORS:
-            bad.append(path)
+        except transforms.DECODE_ERRORS as e:
+            bad.append((path, e.reason))
     raise DataError(f"{MAX_REPLACEMENTS} unreadable images in a row, starting at "
-                    f"{recipe.samples[index][0]}: is the dataset damaged?")
+                    f"{recipe.samples[index][0]}: is the dataset damaged? (the last one, "
+                    f"{bad[-1][0]}: {bad[-1][1]})")
 
 
 def fill_rows(recipe, epoch, indices, images, labels):
     """Write samples ``indices`` into rows of ``images`` (K, S, S, 3) and ``labels`` (K,).
-    Returns the paths of the unreadable files that were replaced."""
+    Returns [(path, reason)] of the unreadable files met, in sample order.
+
+    An exception that is not a decoding failure propagates, with a note (on
+    Python >= 3.11) naming the sample it was raised for."""
     bad = []
     for row, index in enumerate(indices):
-        images[row], labels[row], skipped = load_sample(recipe, int(index), epoch)
+        try:
+            images[row], labels[row], skipped = load_sample(recipe, int(index), epoch)
+        except DataError:
+            raise
+        except Exception as e:
+            if hasattr(e, "add_note"):
+                e.add_note(f"while preparing {recipe.samples[int(index)][0]} "
+                           f"(sample {int(index)}, epoch {epoch})")
+            raise
         bad.extend(skipped)
     return bad
 
@@ -146,8 +164,11 @@ def _worker_main(shm_name, ring_shape, recipe, tasks, results, live_generation):
                 results.put((generation, batch, row, bad, None))
             except DataError as e:  # the data's fault: one line for the user
                 results.put((generation, batch, row, [], ("data", str(e))))
-            except Exception:  # a bug: hand the traceback to the main process
-                results.put((generation, batch, row, [], ("bug", traceback.format_exc())))
+            except Exception as e:  # a bug: hand it and its traceback to the main process
+                where = "; ".join(getattr(e, "__notes__", None) or [])
+                summary = f"{type(e).__name__}: {e}" + (f" ({where})" if where else "")
+                results.put((generation, batch, row, [],
+                             ("bug", f"{summary}\n{traceback.format_exc()}")))
     finally:
         del images, labels
         shm.close()
@@ -271,6 +292,10 @@ class Loader:
                  B*S*S*3 bytes in /dev/shm).
     copy:        True yields batches you may keep; False yields views into the
                  ring, valid only until the next batch is requested (saves a memcpy).
+    warn_unreadable: log a warning on the ``resnext.loader`` logger (stderr
+                 when logging is not configured) the first time each unreadable
+                 file is met. Pass False when the caller reports ``unreadable``
+                 in its own log.
     start_method: multiprocessing start method. Default "fork" where it exists:
                  "spawn" and "forkserver" re-import the main script in every
                  worker, re-running its top-level code (e.g. mpi4py's MPI_Init).
@@ -281,7 +306,7 @@ class Loader:
 
     def __init__(self, dataset, batch_size, train, image_size=224, num_workers=None, seed=0,
                  rank=0, world_size=1, eval_resize="square", prefetch=2, copy=True,
-                 start_method=None, crop_scale=(0.08, 1.0)):
+                 start_method=None, crop_scale=(0.08, 1.0), warn_unreadable=True):
         samples = list(getattr(dataset, "samples", dataset))
         if not samples:
             raise DataError("the loader got an empty dataset")
@@ -303,8 +328,13 @@ class Loader:
         self.start_method = start_method
         self.epoch = 0
         self.start_batch = 0
+        self.warn_unreadable = bool(warn_unreadable)
+        # path -> reason of every unreadable file met (this loader, all epochs so
+        # far), each once, in the order first met (on this rank: its own shard).
+        self.unreadable = {}
+        # Failed decode attempts: a file met in three epochs counts three times.
+        # Kept for compatibility; ``unreadable_count`` counts files.
         self.corrupt_count = 0
-        self.corrupt_paths = []  # each unreadable file once, in the order met
         self._pool = None
         self._finalizer = None
         self._generation = 0
@@ -346,13 +376,24 @@ class Loader:
         n = shard_size(len(self.recipe.samples), self.rank, self.world_size, self.train)
         return len(self) * self.batch_size if self.train else n
 
-    def _count_bad(self, paths):
-        for path in paths:
+    @property
+    def unreadable_count(self):
+        """Distinct unreadable files met so far (``len(self.unreadable)``)."""
+        return len(self.unreadable)
+
+    @property
+    def corrupt_paths(self):
+        """The unreadable files met so far, each once, in the order met (``list(unreadable)``)."""
+        return list(self.unreadable)
+
+    def _count_bad(self, bad):
+        for path, reason in bad:
             self.corrupt_count += 1
-            if path not in self.corrupt_paths:
-                self.corrupt_paths.append(path)
-                log.warning("unreadable image %s: %s", path,
-                            "replaced by the next sample" if self.train else "not scored")
+            if path not in self.unreadable:
+                self.unreadable[path] = reason
+                if self.warn_unreadable:
+                    log.warning("unreadable image %s (%s): %s", path, reason,
+                                "replaced by the next sample" if self.train else "not scored")
 
     # -- iteration ---------------------------------------------------------
     def __iter__(self):
@@ -404,7 +445,9 @@ class Loader:
                         kind, text = error
                         if kind == "data":
                             raise DataError(text)
-                        raise RuntimeError(f"data loader worker failed:\n{text}")
+                        # first line: the exception and the file; then the worker's traceback
+                        raise RuntimeError(f"data loader worker failed (a bug, not a bad "
+                                           f"image): {text}")
                     pending[done_batch] -= 1
                     bad_paths[done_batch][row] = bad
                 del pending[b]

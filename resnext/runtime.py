@@ -9,6 +9,7 @@ import time
 from minitorch_gx import backend, distributed
 
 from .checkpoint import CheckpointError
+from .convert import ConvertError
 from .dataset import DataError
 
 LOG_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
@@ -38,6 +39,26 @@ def choose_device(device_target):
 def run_folder_name(when=None):
     """The original's run folder name: ``%Y-%m-%d_time_%H_%M_%S``."""
     return time.strftime("%Y-%m-%d_time_%H_%M_%S", time.localtime(when))
+
+
+def make_run_folder(output_path, when=None):
+    """Create ``<output_path>/<run_folder_name()>`` exclusively and return its
+    name: two runs started in the same second on one output path get
+    ``..._S`` and ``..._S_1``, never one shared folder."""
+    try:
+        os.makedirs(output_path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output_path {output_path}: cannot create it: {e.strerror or e}") \
+            from None
+    base = run_folder_name(when)
+    for i in range(1000):
+        name = base if i == 0 else f"{base}_{i}"
+        try:
+            os.mkdir(os.path.join(output_path, name))  # fails if it exists: exclusive
+            return name
+        except FileExistsError:
+            continue
+    raise UserError(f"--output_path {output_path}: 1000 run folders named {base}* exist")
 
 
 def setup_logger(folder, rank, console=True):
@@ -76,25 +97,46 @@ class SingleProcess:
         return obj
 
 
-def process_group(run_distribute, device):
+def process_group(run_distribute, device, timeout=600.0):
     """A SingleProcess, or the MPI group when run under mpirun with
     --run_distribute=1. In a group, an uncaught error on any rank ends the
-    whole job (MPI_Abort) instead of leaving the others waiting."""
+    whole job (MPI_Abort) instead of leaving the others waiting, and so does a
+    collective that takes longer than ``timeout`` seconds (--dist_timeout)."""
     if not run_distribute:
         return SingleProcess()
-    ctx = distributed.init(device)
+    ctx = distributed.init(device, timeout=timeout)
     distributed.install_failure_handler(ctx)
     return ctx
 
 
 def main_guard(fn):
-    """Run ``fn()``; a UserError (or a data/checkpoint error) becomes one line on
-    stderr and exit status 1 instead of a traceback. Under mpirun the line is
-    prefixed with the rank and the whole job is ended."""
+    """Run ``fn()``; a UserError (or a data/checkpoint error, or a weights file
+    the converter refuses) becomes one line on stderr and exit status 1 instead
+    of a traceback. Under mpirun the line is prefixed with the rank and the
+    whole job is ended."""
     try:
         return fn()
-    except (UserError, CheckpointError, DataError) as e:
+    except (UserError, CheckpointError, ConvertError, DataError) as e:
         if distributed.get_context().world_size > 1:
             distributed.fatal(f"error: {e}")
-        print(f"error: {e}", file=sys.stderr)
+        rank = _launcher_rank()
+        if rank is None:
+            print(f"error: {e}", file=sys.stderr)
+        elif rank == 0:  # every rank checked its flags alike, before joining the job: say it once
+            print(f"rank 0: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+_LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _launcher_rank():
+    """This process's rank as mpirun set it in the environment, when started
+    by mpirun with more than one process; else None."""
+    if not any(int(os.environ.get(v, "1") or 1) > 1 for v in _LAUNCHER_SIZE_VARS):
+        return None
+    for v in _LAUNCHER_RANK_VARS:
+        if os.environ.get(v, "").isdigit():
+            return int(os.environ[v])
+    return None

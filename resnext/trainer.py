@@ -4,9 +4,14 @@ checkpoints, logs, resume and warm start, on one process or under mpirun.
 One step:  uint8 batch -> device -> normalise -> forward -> label-smoothed
 cross-entropy -> backward (gradients averaged across ranks as they appear)
 -> SGD step with the learning rate of this step.
+
+Stops are taken between steps and by all ranks together: a signal (see
+``stops``) or a non-finite loss or gradient on any rank ends the run after
+the same step everywhere. A non-finite step is not applied, and no
+checkpoint with a non-finite array is ever written, so the newest checkpoint
+on disk is always one that resumes.
 """
 import json
-import math
 import os
 import sys
 import time
@@ -19,12 +24,14 @@ from minitorch_gx.functional import cross_entropy
 from minitorch_gx.optim import SGD, WarmupCosineLR
 
 from . import checkpoint as ckpt
-from .config import fill_defaults, train_parser
+from .config import RESUMED_SETTINGS, explicit_flags, fill_defaults, train_parser
+from .config import validate_train_args
 from .dataset import ImageFolder
 from .demo_data import ensure_demo_dataset
 from .loader import Loader
 from .model import build_model
-from .runtime import UserError, choose_device, process_group, run_folder_name, setup_logger
+from .runtime import UserError, choose_device, make_run_folder, process_group, setup_logger
+from .stops import StopSignals
 from .transforms import normalize
 
 SYNTHETIC_CLASSES = 1000
@@ -63,10 +70,14 @@ class SyntheticBatches:
 class Run:
     """Everything one training run holds; ``fit()`` trains it."""
 
-    def __init__(self, args):
+    def __init__(self, args, explicit=()):
+        self.resume_path = self.resume_meta = None
+        if args.resume:
+            self._take_settings_from_checkpoint(args, set(explicit))
         self.args = args = fill_defaults(args)
+        validate_train_args(args)
         self.device = choose_device(args.device_target)
-        self.group = process_group(args.run_distribute, self.device)
+        self.group = process_group(args.run_distribute, self.device, args.dist_timeout)
         self.rank, self.world = self.group.rank, self.group.world_size
         self.xp = backend.cupy if self.device == "gpu" else numpy
         self._make_data()
@@ -74,6 +85,26 @@ class Run:
         self._make_run_folder()
 
     # -- setup ---------------------------------------------------------------
+    def _take_settings_from_checkpoint(self, args, explicit):
+        """--resume continues the run as it was set up: the settings that shape
+        it come from the checkpoint; a flag given that contradicts one is an error."""
+        self.resume_path = ckpt.resolve_resume_path(args.resume)
+        _, _, meta = ckpt.load_checkpoint(self.resume_path)
+        saved = meta.get("settings", {})
+        conflicts = []
+        for key in RESUMED_SETTINGS:
+            if key not in saved:
+                continue
+            if key in explicit and getattr(args, key) != saved[key]:
+                conflicts.append(f"--{key} {getattr(args, key)} (the run has {saved[key]})")
+            setattr(args, key, saved[key])
+        if conflicts:
+            raise UserError(f"--resume {args.resume}: flags contradict the run being resumed: "
+                            + "; ".join(conflicts) + ". Leave them out to resume as it was")
+        if "data_path" not in explicit:
+            args.data_path = saved.get("data_path", args.data_path)
+        self.resume_meta = meta
+
     def _make_data(self):
         a = self.args
         if a.synthetic:
@@ -89,7 +120,7 @@ class Run:
         self.loader = Loader(dataset, batch_size=a.per_batch_size, train=True,
                              image_size=a.image_size, num_workers=a.num_workers, seed=a.seed,
                              rank=self.rank, world_size=self.world,
-                             crop_scale=(a.min_crop_scale, 1.0))
+                             crop_scale=(a.min_crop_scale, 1.0), warn_unreadable=False)
         if len(self.loader) == 0:
             raise UserError(f"{root}: {len(dataset.samples)} images are too few for one batch of "
                             f"{a.per_batch_size} per process on {self.world} process(es)")
@@ -115,11 +146,15 @@ class Run:
                                         a.max_epoch)
         self.reducer = None
         if self.world > 1:
-            self.reducer = distributed.GradientAllreducer(list(self.model.parameters()))
+            # the stop decision travels with the gradients: no extra collective
+            self.reducer = distributed.GradientAllreducer(list(self.model.parameters()),
+                                                          flags=("stop", "nonfinite"))
         self.start_epoch, self.start_batch = 0, 0
         self._batches_done = 0
-        if a.resume:
-            self._resume(a.resume)
+        self._last_saved = None  # (epoch_index, batches_done) of the last save
+        self._unreadable_logged = 0
+        if self.resume_path:
+            self._resume(self.resume_path)
 
     def _resume(self, path):
         model_state, optim_state, meta = ckpt.load_checkpoint(path)
@@ -138,7 +173,16 @@ class Run:
 
     def _make_run_folder(self):
         a = self.args
-        name = self.group.broadcast_object(run_folder_name() if self.rank == 0 else None)
+        removed = []
+        if self.rank == 0:
+            # leftovers of saves killed midway, in earlier runs of this output path
+            for folder in [os.path.dirname(self.resume_path or "")] + \
+                    [os.path.join(a.output_path, d, "ckpt_0") for d in _subfolders(a.output_path)]:
+                removed += ckpt.remove_stale_parts(folder)
+        # never shared: rank 0 creates it exclusively (a suffix if the name is
+        # taken) and tells the others
+        name = self.group.broadcast_object(make_run_folder(a.output_path) if self.rank == 0
+                                           else None)
         self.run_dir = os.path.join(a.output_path, name)
         self.ckpt_dir = os.path.join(self.run_dir, "ckpt_0")
         if self.rank == 0:
@@ -149,10 +193,19 @@ class Run:
                       f"{self.num_classes} classes, batch {a.per_batch_size} per process, "
                       f"image {a.image_size}, {self.steps_per_epoch} steps per epoch"
                       + (" (demo data)" if a.demo else ""))
+        for path in removed:
+            self.log.info(f"removed {path}, left by a save that was killed")
+        if self.resume_path:
+            m = self.resume_meta
+            self.log.info(f"resumed from {self.resume_path}: epoch {m['epoch_index'] + 1}, "
+                          f"{m['batches_done']} steps of it done (global step "
+                          f"{m.get('global_step')}), learning rate "
+                          f"{self.optimizer.param_groups[0]['lr']:.6g}")
 
     # -- saving ----------------------------------------------------------------
     def save(self, epoch_index, batches_done):
-        """Rank 0 writes ``{rank}-{epoch}_{step}.ckpt`` (epoch 1-based)."""
+        """Rank 0 writes ``{rank}-{epoch}_{step}.ckpt`` (epoch 1-based). Raises
+        NonFiniteError, writing nothing, when an array is not finite."""
         if self.rank != 0:
             return None
         meta = {"epoch_index": epoch_index, "batches_done": batches_done,
@@ -163,13 +216,32 @@ class Run:
                              if isinstance(v, (int, float, str, bool, type(None)))}}
         path = os.path.join(self.ckpt_dir, ckpt.checkpoint_name(self.rank, epoch_index + 1,
                                                                 batches_done))
-        ckpt.save_checkpoint(path, self.model, self.optimizer, meta)
+        try:
+            ckpt.save_checkpoint(path, self.model, self.optimizer, meta)
+        except OSError as e:  # a full disk: the earlier checkpoints stay intact
+            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; the earlier "
+                            f"checkpoints in {self.ckpt_dir} are intact") from None
         ckpt.prune_checkpoints(self.ckpt_dir, self.args.ckpt_save_max)
+        self._last_saved = (epoch_index, batches_done)
         self.log.info(f"saved checkpoint {path}")
         return path
 
+    def newest_good_checkpoint(self):
+        """A sentence naming the newest checkpoint a resume can start from.
+        Every checkpoint written is finite (save refuses otherwise)."""
+        found = ckpt.list_checkpoints(self.ckpt_dir) if os.path.isdir(self.ckpt_dir) else []
+        if found:
+            return f"the newest good checkpoint is {found[0][2]}"
+        if self.resume_path:
+            return f"no checkpoint was written in this run; it resumed from {self.resume_path}"
+        return "no checkpoint was written in this run"
+
     # -- training ----------------------------------------------------------------
     def step(self, images, labels):
+        """One training step. Returns (loss, lr, stop, finite): ``stop`` and
+        ``finite`` are the decision of all ranks together (a signal on any
+        rank; a non-finite loss or gradient on any rank). A non-finite step
+        is not applied to the weights."""
         xp = self.xp
         x = mt.Tensor(normalize(xp.asarray(images), xp, numpy.float32))
         lr = self.scheduler.step()
@@ -177,26 +249,35 @@ class Run:
         loss = cross_entropy(self.model(x), xp.asarray(labels),
                              label_smoothing=self.args.label_smooth_factor)
         loss.backward()
+        finite = bool(xp.isfinite(loss.data)) and self._gradients_finite()
+        stop = self.stops.requested is not None
         if self.reducer is not None:
+            self.reducer.set_flags(stop=stop, nonfinite=not finite)
             self.reducer.synchronize()
-        self.optimizer.step()
-        return float(loss.data), lr
+            stop, finite = self.reducer.flags["stop"] > 0, self.reducer.flags["nonfinite"] == 0
+        if finite:
+            self.optimizer.step()
+        return float(loss.data), lr, stop, finite
+
+    def _gradients_finite(self):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return all(bool(self.xp.isfinite(g).all()) for g in grads)
 
     def fit(self):
+        with StopSignals() as self.stops:
+            return self._fit()
+
+    def _fit(self):
         a = self.args
-        epoch_index = self.start_epoch
-        try:
-            for epoch_index in range(self.start_epoch, a.max_epoch):
-                if not self._epoch(epoch_index):
-                    return 1
-        except KeyboardInterrupt:
-            self.log.info("interrupted: saving a checkpoint before exiting")
-            self.save(epoch_index, self._batches_done)
-            return 130
+        for epoch_index in range(self.start_epoch, a.max_epoch):
+            status = self._epoch(epoch_index)
+            if status is not None:
+                return status
         self.log.info(f"training finished: checkpoints in {self.ckpt_dir}")
         return 0
 
     def _epoch(self, epoch_index):
+        """Train one epoch; None when it ended normally, else the exit status."""
         a, start = self.args, self.start_batch if epoch_index == self.start_epoch else 0
         self.loader.set_epoch(epoch_index, start_batch=start)
         self._batches_done = start
@@ -205,13 +286,13 @@ class Run:
         for images, labels in self.loader:
             if self._batches_done >= self.steps_per_epoch:
                 break
-            loss, lr = self.step(images, labels)
-            if not math.isfinite(loss):
-                self.log.error(f"epoch: {epoch_index + 1} step: {self._batches_done + 1}, loss is "
-                               f"{loss}: stopping; the last good checkpoint is kept in "
-                               f"{self.ckpt_dir}")
+            loss, lr, stop, finite = self.step(images, labels)
+            if not finite:
                 progress.close()
-                return False
+                self.log.error(f"epoch: {epoch_index + 1} step: {self._batches_done + 1}, loss is "
+                               f"{loss}: a loss or gradient is not finite (on some rank); the "
+                               f"step was not applied; stopping. {self.newest_good_checkpoint()}")
+                return 1
             self._batches_done += 1
             losses.append(loss)
             seen += len(labels)
@@ -221,10 +302,30 @@ class Run:
                 self.log.info(f"epoch: {epoch_index + 1} step: {self._batches_done}/"
                               f"{self.steps_per_epoch}, loss {loss:.4f}, lr {lr:.6f}, "
                               f"{rate:.1f} img/s")
+            if stop:
+                progress.close()
+                return self._stop_for_signal(epoch_index)
         progress.close()
-        self._end_epoch(epoch_index, start, losses, time.perf_counter() - t0, seen)
+        status = self._end_epoch(epoch_index, start, losses, time.perf_counter() - t0, seen)
         self.start_batch = 0
-        return True
+        # One process can stop at once on a signal that came after the last
+        # step; ranks stop together at the next step, where the flag travels.
+        if status is None and self.stops.requested is not None and self.world == 1:
+            return self._stop_for_signal(epoch_index)
+        return status
+
+    def _stop_for_signal(self, epoch_index):
+        code = self.stops.exit_code or 130  # a signal on another rank: report it as SIGINT
+        saved = self._last_saved == (epoch_index, self._batches_done)
+        self.log.info(f"stopping at epoch {epoch_index + 1} step {self._batches_done} on a "
+                      f"signal" + ("" if saved else ": saving a checkpoint first"))
+        if not saved:
+            try:
+                self.save(epoch_index, self._batches_done)
+            except ckpt.NonFiniteError as e:
+                self.log.error(f"{e}. {self.newest_good_checkpoint()}")
+                return 1
+        return code
 
     def _end_epoch(self, epoch_index, start, losses, seconds, seen):
         a, steps = self.args, max(1, self._batches_done - start)
@@ -232,9 +333,13 @@ class Run:
         self.log.info(f"epoch: {epoch_index + 1} step: {self._batches_done}, loss is {losses[-1]}")
         self.log.info(f"epoch time: {seconds * 1000:.3f} ms, per step time: "
                       f"{seconds * 1000 / steps:.3f} ms")
-        corrupt = getattr(self.loader, "corrupt_count", 0)
+        unreadable = getattr(self.loader, "unreadable", {})  # path -> reason, each file once
+        for path in list(unreadable)[self._unreadable_logged:]:
+            self.log.warning(f"unreadable image {path} ({unreadable[path]}): replaced by the "
+                             f"next sample")
+        self._unreadable_logged = corrupt = len(unreadable)
         if corrupt:
-            self.log.warning(f"{corrupt} unreadable image(s) skipped so far")
+            self.log.warning(f"{corrupt} unreadable image file(s) met so far on rank {self.rank}")
         if self.rank == 0:
             record = {"epoch": epoch_index + 1, "global_step": self.scheduler.last_step + 1,
                       "loss_mean": float(numpy.mean(losses)), "loss_last": losses[-1],
@@ -244,7 +349,12 @@ class Run:
                 f.write(json.dumps(record) + "\n")
         last = epoch_index + 1 == a.max_epoch
         if (epoch_index + 1) % a.ckpt_interval == 0 or last:
-            self.save(epoch_index, self._batches_done)
+            try:
+                self.save(epoch_index, self._batches_done)
+            except ckpt.NonFiniteError as e:  # e.g. a BN running variance that overflowed
+                self.log.error(f"{e}: stopping. {self.newest_good_checkpoint()}")
+                return 1
+        return None
 
 
 class _Progress:
@@ -269,7 +379,14 @@ class _Progress:
             self.bar.close()
 
 
+def _subfolders(path):
+    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))) \
+        if os.path.isdir(path) else []
+
+
 def main(argv=None):
-    args = train_parser().parse_args(argv)
-    run = Run(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    run = Run(args, explicit_flags(parser, argv))
     return run.fit()

@@ -16,8 +16,18 @@ skip most of the inverse DCT and return the image scaled by 1/2, 1/4 or 1/8
 (Pillow's ``Image.draft``), which is several times faster than a full decode.
 We only ask for a reduction that keeps at least as many pixels as the final
 resize needs, so the bilinear resize after it still only shrinks.
+
+Unreadable files: only the decoding of a file (opening it, reading its
+header, decompressing its pixels, converting them to RGB) can raise
+``UnreadableImage`` (the one member of ``DECODE_ERRORS``), with the reason
+kept. An exception raised by the crop, resize or colour arithmetic (a size of
+0, an empty scale range) is a bug in the caller or here, and propagates as it
+is: the loader must not count it as a damaged image.
 """
+import contextlib
 import math
+import os
+import struct
 
 import numpy as np
 from PIL import Image
@@ -27,9 +37,67 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601-2 luma, the weights Pillow's convert("L") and torchvision use.
 _GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-# Errors that mean "this file is not a readable image" (the loader counts and
-# skips such files); anything else is a bug and should surface.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+class UnreadableImage(OSError):
+    """A file that could not be decoded as an image.
+
+    ``path``: the file; ``reason``: why, e.g. ``"UnidentifiedImageError: cannot
+    identify image file"`` or ``"OSError: image file is truncated (3 bytes not
+    processed)"``."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+# What "this file is not a readable image" is (the loader counts and skips such
+# files); anything else is a bug and should surface.
+DECODE_ERRORS = (UnreadableImage,)
+
+# What Pillow raises for a file it cannot decode: UnidentifiedImageError (an
+# OSError) when it recognises no format, OSError for a truncated or damaged
+# stream (and a file that cannot be opened at all), DecompressionBombError for
+# a header claiming too many pixels, and SyntaxError, EOFError, ValueError or
+# struct.error from the format plugins for a malformed header or tile. They
+# count as "unreadable" only when raised while decoding (inside ``_decoding``).
+_PIL_FILE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error,
+                    Image.DecompressionBombError)
+
+
+def _reason(error, src):
+    """``"<ExceptionType>: <message>"``, without the file's name repeated in it."""
+    text = str(error)
+    if isinstance(src, (str, os.PathLike)):
+        for name in (repr(src), repr(os.fspath(src)), os.fspath(src)):  # quoted forms first
+            text = text.replace(name, "")
+    text = text.strip().rstrip(":").strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _decoding(src):
+    """Turn a decoding failure of Pillow's into ``UnreadableImage(src, reason)``.
+    Wraps decoding only, never the arithmetic on the decoded image."""
+    try:
+        yield
+    except _PIL_FILE_ERRORS as e:
+        path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else repr(src)
+        raise UnreadableImage(path, _reason(e, src)) from e
+
+
+def _open(src):
+    """``Image.open(src)`` (the header only; pixels are decoded by ``_decode``)."""
+    with _decoding(src):
+        return Image.open(src)
+
+
+def _decode(img, src, need_w, need_h, draft):
+    """Decode the pixels of an opened image (at reduced size when a JPEG allows
+    it, see ``_open_reduced``) as RGB. Returns (rgb image, fx, fy)."""
+    with _decoding(src):
+        fx, fy = _open_reduced(img, need_w, need_h, draft)
+        img.load()
+        return _rgb(img), fx, fy
 
 
 def sample_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -90,15 +158,15 @@ def random_resized_crop(src, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     Resampling is bilinear (with Pillow's antialiasing when shrinking).
     Returns uint8 (size, size, 3).
     """
-    with Image.open(src) as img:
+    with _open(src) as img:
         width, height = img.size
         top, left, h, w = sample_crop_box(width, height, rng, scale, ratio)
         # Decoding at 1/s keeps the box at >= size pixels when W*size/w pixels
         # remain over the full width, and likewise for the height.
-        fx, fy = _open_reduced(img, math.ceil(width * size / w), math.ceil(height * size / h), draft)
-        img = _rgb(img)
+        rgb, fx, fy = _decode(img, src, math.ceil(width * size / w),
+                              math.ceil(height * size / h), draft)
         box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-        out = img.resize((size, size), Image.BILINEAR, box=box)
+        out = rgb.resize((size, size), Image.BILINEAR, box=box)
         return np.asarray(out, dtype=np.uint8)
 
 
@@ -186,11 +254,10 @@ def resize_center_crop(src, size=224, resize=None, mode="square", draft=True):
         resize = int(round(size * 256 / 224))
     if resize < size:
         raise ValueError(f"eval resize ({resize}) must be >= crop size ({size})")
-    with Image.open(src) as img:
+    with _open(src) as img:
         width, height = img.size
         new_w, new_h = resized_shape(width, height, resize, mode)
-        fx, fy = _open_reduced(img, new_w, new_h, draft)
-        img = _rgb(img)
+        img, fx, fy = _decode(img, src, new_w, new_h, draft)
         img = img.resize((new_w, new_h), Image.BILINEAR, box=(0, 0, width * fx, height * fy))
         top = int(round((new_h - size) / 2))
         left = int(round((new_w - size) / 2))

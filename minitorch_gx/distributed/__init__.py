@@ -24,6 +24,13 @@ of PyTorch DDP's reducer):
 * Same order everywhere. MPI and NCCL need every rank to issue its collectives
   in the same order, so buckets are launched strictly by index: a bucket that
   completes early waits (packed) for the buckets before it.
+* Decisions together. A few named flags (stop, non-finite) can ride in the
+  last bucket, summed over the ranks, so that every rank stops or skips at the
+  same step without an extra collective (``flags=``, ``set_flags``, ``flags``).
+
+Every collective has a deadline (``init(timeout=600.0)``, ``ctx.timeout``): a
+rank that does not answer in time ends the job with one line naming the
+collective and the late rank, instead of a silent hang (deadlines.py).
 
 World size 1, or a process started without mpirun (or without mpi4py), is an
 explicit no-op: ``init()`` returns a one-rank Context and every function here
@@ -36,6 +43,7 @@ imports without it.
                       backward runs
     transports.py     how a bucket is summed: MPI on host buffers, NCCL,
                       CUDA-aware MPI, MPI through pinned host buffers
+    deadlines.py      every collective's deadline; who did not answer
     failures.py       one failing rank ends the whole job
 """
 from .failures import abort_on_failure, describe_error, fatal, install_failure_handler

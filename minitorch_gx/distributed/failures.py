@@ -13,11 +13,11 @@ import threading
 import time
 import traceback
 
-from .process_group import get_context
+from . import current
 
 
 def _default_context():
-    return get_context()  # the Context of the latest init(), looked up at failure time
+    return current.get()  # the Context of the latest init(), looked up at failure time
 
 
 def install_failure_handler(ctx=None):

@@ -6,8 +6,40 @@ parameter counts its bucket down, and a complete bucket starts a non-blocking
 allreduce through the Context's transport while backward goes on. Buckets
 are launched strictly by index, so every rank issues its collectives in the
 same order. See the package docstring for the whole design.
+
+Every bucket has the Context's deadline (``ctx.timeout``, deadlines.py): one
+that has not completed that many seconds after it started ends the job with
+``rank R: allreduce of gradient bucket i of n (step s) timed out ...`` and the
+rank that did not answer.
+
+Decisions taken by all ranks together (stop now, skip a non-finite step), at
+no extra cost. A rank that stops alone leaves the others waiting in the next
+allreduce; a rank that skips a step alone desynchronises the weights. So the
+reducer can carry a few named flags inside its gradient allreduce:
+
+    reducer = GradientAllreducer(params, flags=("stop", "nonfinite"))
+    ...
+    loss.backward()
+    reducer.set_flags(stop=stop_requested, nonfinite=not math.isfinite(loss_value))
+    reducer.synchronize()
+    if reducer.flags["nonfinite"] > 0: ...   # the same sums on every rank
+    if reducer.flags["stop"] > 0: ...
+
+The flags are a few extra elements at the end of the bucket launched last.
+That bucket (the first layers' gradients) fills at the very end of backward, so
+with flags it is started by ``synchronize()`` rather than by the last hook,
+which loses no overlap and lets ``set_flags`` be called at any time up to
+``synchronize()``: the values travel with this step's gradients and reflect
+this rank's latest state. After ``synchronize()``, ``reducer.flags`` holds
+their sums over the ranks, identical everywhere, so every rank takes the same
+decision at the same step; then the values this rank set go back to 0. Give
+small integers (a bool counts 1): they are summed in the gradients' dtype
+(exact up to 2048 in float16). No collective is added. With one rank the same
+calls work locally: ``flags`` is this rank's own values.
 """
 import contextlib
+
+import numpy
 
 from .. import backend
 from .process_group import get_context
@@ -20,19 +52,26 @@ from .transports import FlatBuffer
 class _Bucket(FlatBuffer):
     """Parameters whose gradients travel together in one flat buffer.
 
-    flat: (size,) of the parameters' dtype on their device; parameter i lives in
-    ``flat[offsets[i]:offsets[i] + params[i].size]``.
+    flat: (size + extra,) of the parameters' dtype on their device; parameter i
+    lives in ``flat[offsets[i]:offsets[i] + params[i].size]``; the last
+    ``extra`` elements carry the reducer's flags (the last bucket only).
     """
 
-    def __init__(self, index, params, transport):
-        self.index, self.params = index, params
+    def __init__(self, index, count, params, transport, extra=0, dtype=None):
+        self.index, self.count, self.params, self.extra = index, count, params, extra
+        self.step = 0  # the reducer's step this bucket was last launched for
         self.offsets, size = [], 0
         for p in params:
             self.offsets.append(size)
             size += p.size
-        xp = backend.get_array_module(params[0].data)
-        super().__init__(transport.new_buffer(size, params[0].dtype, xp))  # (size,)
+        self.size = size  # gradient elements
+        xp = backend.get_array_module(params[0].data) if params else numpy
+        dtype = params[0].dtype if params else dtype
+        super().__init__(transport.new_buffer(size + extra, dtype, xp))  # (size + extra,)
         self.reset()
+
+    def describe(self):
+        return f"allreduce of gradient bucket {self.index} of {self.count} (step {self.step})"
 
     def reset(self):
         self.pending = len(self.params)  # gradients not yet complete this step
@@ -72,13 +111,27 @@ class GradientAllreducer:
     several backward passes, run all but the last inside ``no_sync()``.
     A parameter whose gradient is still None at ``synchronize()`` (unused
     this step) counts as zeros and receives the mean of the others.
-    With one rank, nothing is registered and ``synchronize()`` returns at once.
+    With one rank, nothing is registered and ``synchronize()`` returns at once
+    (``flags`` then holds this rank's own values).
+
+    flags: names of values summed over the ranks inside the last bucket, for
+    decisions all ranks must take together (see the module docstring):
+    ``set_flags(name=value)`` before ``synchronize()``, then ``flags[name]``.
+    step_count: ``synchronize()`` calls done; the deadline's error line names
+    step ``step_count + 1``. A trainer that resumes may set it to its global step.
     """
 
-    def __init__(self, params, bucket_mb=25.0, ctx=None):
+    def __init__(self, params, bucket_mb=25.0, ctx=None, flags=()):
         self.ctx = ctx or get_context()
         self.world_size = self.ctx.world_size
         self.params = [p for p in params if p.requires_grad]
+        self.flag_names = tuple(flags)
+        if len(set(self.flag_names)) != len(self.flag_names):
+            raise ValueError(f"flag names repeat: {self.flag_names}")
+        self._flag_values = [0.0] * len(self.flag_names)  # this rank's, for this step
+        self._flag_sums = None   # the last step's sums (on the buckets' device)
+        self._flags = None       # the same as a dict, made when first read
+        self.step_count = 0
         self._sync_enabled = True
         self._ready = set()  # id of each parameter whose gradient is complete this step
         self._next = 0       # index of the next bucket to launch
@@ -107,12 +160,41 @@ class GradientAllreducer:
                 current, nbytes = [], 0
         if current:
             buckets.append(current)
-        return [_Bucket(i, ps, self.ctx._transport) for i, ps in enumerate(buckets)]
+        if self.flag_names and not buckets:
+            buckets.append([])  # nothing to reduce but the flags: a bucket of their own
+        n, extra = len(buckets), len(self.flag_names)
+        return [_Bucket(i, n, ps, self.ctx._transport, extra if i == n - 1 else 0,
+                        numpy.float64) for i, ps in enumerate(buckets)]
 
     @property
     def bucket_sizes(self):
-        """Elements per bucket, in launch order (for logs and tests)."""
-        return [b.flat.size for b in self.buckets]
+        """Gradient elements per bucket, in launch order (for logs and tests;
+        the flags' slots are not counted)."""
+        return [b.size for b in self.buckets]
+
+    # -- flags -------------------------------------------------------------------
+    def set_flags(self, **values):
+        """This rank's values of the named flags for this step (numbers; a bool
+        counts 1), sent with the gradients at the next ``synchronize()``."""
+        for name, value in values.items():
+            try:
+                i = self.flag_names.index(name)
+            except ValueError:
+                carries = f"carries {self.flag_names}" if self.flag_names else "carries no flags"
+                raise ValueError(f"unknown flag {name!r}: this reducer {carries}; name them "
+                                 "all when making it: GradientAllreducer(params, "
+                                 f"flags=({name!r}, ...))") from None
+            self._flag_values[i] = float(value)
+
+    @property
+    def flags(self):
+        """``{name: sum over the ranks}`` of the values set before the latest
+        ``synchronize()``: the same on every rank (zeros before the first)."""
+        if self._flags is None:
+            sums = ([0.0] * len(self.flag_names) if self._flag_sums is None
+                    else backend.to_numpy(self._flag_sums).tolist())
+            self._flags = dict(zip(self.flag_names, map(float, sums)))
+        return self._flags
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -136,30 +218,48 @@ class GradientAllreducer:
         bucket.pending -= 1
         if bucket.pending == 0:
             bucket.pack()
-            self._launch_in_order()
+            # with flags, the last bucket waits for synchronize() (set_flags until then)
+            self._launch_in_order(len(self.buckets) - (1 if self.flag_names else 0))
         self.ctx._transport.progress()
 
-    def _launch_in_order(self):
-        while self._next < len(self.buckets) and self.buckets[self._next].packed:
+    def _launch_in_order(self, end):
+        """Start the packed buckets from ``self._next`` on, below index ``end``."""
+        while self._next < end and self.buckets[self._next].packed:
             bucket = self.buckets[self._next]
+            if bucket.extra:
+                xp = backend.get_array_module(bucket.flat)
+                bucket.flat[bucket.size:] = xp.asarray(
+                    numpy.array(self._flag_values, dtype=bucket.flat.dtype))
+            bucket.step = self.step_count + 1
             self.ctx._transport.start(bucket)
             bucket.started = True
             self._next += 1
 
     def synchronize(self):
-        """Wait for every bucket and leave the mean gradient in each ``p.grad``."""
+        """Wait for every bucket and leave the mean gradient in each ``p.grad``;
+        ``flags`` then holds the flags' sums over the ranks."""
         if self.world_size == 1:
+            self._finish_step(list(self._flag_values))
             return
         for b in self.buckets:
             if not b.packed:  # unused parameters, or backward ran inside no_sync()
                 b.pack()
-        self._launch_in_order()
+        self._launch_in_order(len(self.buckets))
+        sums = None
         try:
             for b in self.buckets:
                 self.ctx._transport.wait(b)
                 b.unpack(self.world_size)
+                if b.extra:
+                    sums = b.flat[b.size:].copy()  # the next step packs over flat
         finally:
             for b in self.buckets:
                 b.reset()
             self._ready.clear()
             self._next = 0
+        self._finish_step(sums)
+
+    def _finish_step(self, sums):
+        self._flag_sums, self._flags = sums, None
+        self._flag_values = [0.0] * len(self.flag_names)
+        self.step_count += 1

@@ -22,15 +22,23 @@ so the host does not stall the GPU queue.
 Every transport has ``new_buffer``, ``start(bucket)``, ``progress()`` and
 ``wait(bucket)``; ``wait`` leaves the sum in ``bucket.flat``, ordered before the
 next work on the current stream.
+
+Deadlines: each transport that hands a bucket to MPI counts it with its
+``watch`` (deadlines.Watch) when it issues it and waits with ``watch.wait``,
+so a bucket that does not complete within ``ctx.timeout`` seconds of its start
+ends the job with a line naming it (``bucket.describe()``) and the late rank.
+NCCL buckets are counted but never waited for by the host.
 """
 import ctypes
 import os
+import time
 from collections import deque
 
 import numpy
 
 from .. import backend
 from ..backend import cupy
+from .deadlines import Watch
 
 
 class FlatBuffer:
@@ -40,6 +48,11 @@ class FlatBuffer:
     def __init__(self, flat):
         self.flat = flat
         self.request = None
+        self.number = self.started_at = None  # collective number and start time, set on issue
+
+    def describe(self):
+        """What this reduction is, for the line of a deadline that passed."""
+        return f"allreduce_inplace of {self.flat.size} elements"
 
 
 class NoTransport:
@@ -70,15 +83,17 @@ class HostMPITransport:
 
     name = "mpi"
 
-    def __init__(self, comm):
+    def __init__(self, comm, watch=None):
         from mpi4py import MPI
         self.MPI, self.comm = MPI, comm
+        self.watch = watch if watch is not None else Watch(None)
         self._inflight = []
 
     def new_buffer(self, size, dtype, xp):
         return numpy.zeros(size, dtype)
 
     def start(self, bucket):
+        bucket.number, bucket.started_at = self.watch.enter(), time.monotonic()
         bucket.request = self.comm.Iallreduce(self.MPI.IN_PLACE, bucket.flat, op=self.MPI.SUM)
         self._inflight.append(bucket)
 
@@ -87,7 +102,7 @@ class HostMPITransport:
             self.MPI.Request.Testall([b.request for b in self._inflight])
 
     def wait(self, bucket):
-        bucket.request.Wait()
+        self.watch.wait(bucket.request, bucket.describe, bucket.number, bucket.started_at)
         bucket.request = None
         self._inflight.remove(bucket)
 
@@ -95,10 +110,11 @@ class HostMPITransport:
 # --------------------------------------------------------------------------
 # GPU transports
 # --------------------------------------------------------------------------
-def make_transport(comm, rank, world_size, gpus_shared, choice=None):
+def make_transport(comm, rank, world_size, gpus_shared, choice=None, watch=None):
     """The transport named by ``choice`` ("nccl", "mpi-cuda-aware",
     "mpi-host-staged"), or the best one available when ``choice`` is None.
-    ``gpus_shared``: some ranks of this host share a GPU, which NCCL refuses."""
+    ``gpus_shared``: some ranks of this host share a GPU, which NCCL refuses.
+    ``watch``: the Context's deadlines (none when omitted)."""
     nccl = nccl_module()
     if choice is None:
         # Decided together: ranks that picked different transports would wait
@@ -117,9 +133,9 @@ def make_transport(comm, rank, world_size, gpus_shared, choice=None):
         if gpus_shared:
             raise RuntimeError("more ranks than GPUs on this host: NCCL needs one GPU per rank; "
                                "start fewer ranks or use transport 'mpi-host-staged'")
-        return NcclTransport(comm, rank, world_size, nccl)
+        return NcclTransport(comm, rank, world_size, nccl, watch)
     if choice in ("mpi-cuda-aware", "mpi-host-staged"):
-        return DeviceMPITransport(comm, cuda_aware=(choice == "mpi-cuda-aware"))
+        return DeviceMPITransport(comm, cuda_aware=(choice == "mpi-cuda-aware"), watch=watch)
     raise ValueError(f"unknown GPU transport {choice!r}: use 'nccl', 'mpi-cuda-aware' "
                      "or 'mpi-host-staged'")
 
@@ -153,8 +169,9 @@ class NcclTransport:
 
     name = "nccl"
 
-    def __init__(self, comm, rank, world_size, nccl):
+    def __init__(self, comm, rank, world_size, nccl, watch=None):
         self.nccl = nccl
+        self.watch = watch if watch is not None else Watch(None)
         uid = nccl.get_unique_id() if rank == 0 else None
         uid = comm.bcast(uid, root=0)  # NCCL finds its peers through this id
         self.comm = nccl.NcclCommunicator(world_size, uid, rank)
@@ -171,6 +188,9 @@ class NcclTransport:
         return cupy.zeros(size, dtype)
 
     def start(self, bucket):
+        # Counted, so that the numbers of later MPI collectives match on every
+        # rank; the host never waits for it, so it has no deadline.
+        bucket.number, bucket.started_at = self.watch.enter(), time.monotonic()
         packed = cupy.cuda.Event(disable_timing=True)
         packed.record()                      # on the current stream, after pack()
         self.stream.wait_event(packed)
@@ -192,9 +212,10 @@ class DeviceMPITransport:
     """Device buckets summed with ``MPI_Iallreduce``: on the device buffer when
     the MPI is CUDA-aware, else on a pinned host copy."""
 
-    def __init__(self, comm, cuda_aware):
+    def __init__(self, comm, cuda_aware, watch=None):
         from mpi4py import MPI
         self.MPI, self.comm, self.cuda_aware = MPI, comm, cuda_aware
+        self.watch = watch if watch is not None else Watch(None)
         self.name = "mpi-cuda-aware" if cuda_aware else "mpi-host-staged"
         self._waiting = deque()  # buckets whose copy/pack is queued on the GPU, in launch order
         self._inflight = []      # buckets handed to MPI, not yet waited for
@@ -224,6 +245,7 @@ class DeviceMPITransport:
 
     def _launch(self, bucket):
         buf = bucket.flat if self.cuda_aware else self._host_buffer(bucket)
+        bucket.number, bucket.started_at = self.watch.enter(), time.monotonic()
         bucket.request = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         self._inflight.append(bucket)
 
@@ -239,7 +261,7 @@ class DeviceMPITransport:
             head = self._waiting.popleft()
             head.ready.synchronize()
             self._launch(head)
-        bucket.request.Wait()
+        self.watch.wait(bucket.request, bucket.describe, bucket.number, bucket.started_at)
         bucket.request = None
         self._inflight.remove(bucket)
         if not self.cuda_aware:

@@ -121,10 +121,18 @@ def _labels(labels, n, k, xp):
 def topk_correct(logits, labels, k):
     """Number of samples whose label is among the k largest of its logits.
 
-    Ties count in the sample's favour: a sample is correct when strictly
-    fewer than k logits exceed the true class's logit. (A sort-based top-k,
-    like ``torch.topk``, breaks exact ties by position instead; with float
-    logits ties are rare.) Takes Tensors or arrays; returns an int.
+    The rank of the true class is the one a stable descending sort gives it:
+    the classes ahead of it are those with a larger logit and those with an
+    equal logit and a smaller index (as ``numpy.argsort(-x, kind="stable")``).
+    A sample is correct when that rank is below k. So exact ties never count
+    in the sample's favour: a model whose logits are all equal puts class 0
+    first and scores chance (1/K top-1 on balanced labels), not 100%.
+
+    A row with a non-finite logit anywhere (NaN, +inf or -inf) is never
+    correct, whatever k: such a row ranks nothing. (Every comparison with NaN
+    is false, and +inf ties with +inf, so without this rule a NaN or overflowed
+    model would score 100%.)
+    Takes Tensors or arrays; returns an int.
     """
     logits = logits.data if isinstance(logits, Tensor) else logits
     xp = backend.get_array_module(logits)
@@ -135,13 +143,17 @@ def topk_correct(logits, labels, k):
         raise ValueError(f"k must be at least 1, got {k}")
     n, num_classes = logits.shape
     labels = _labels(labels, n, num_classes, xp)
-    true = logits[xp.arange(n), labels]  # (N,)
-    rank = (logits > true[:, None]).sum(axis=1)  # how many classes beat the true one
-    return int((rank < int(k)).sum())
+    true = logits[xp.arange(n), labels][:, None]  # (N, 1)
+    before = xp.arange(num_classes)[None, :] < labels[:, None]  # (N, K): smaller class index
+    ahead = (logits > true) | ((logits == true) & before)
+    rank = ahead.sum(axis=1)  # how many classes a stable sort puts ahead of the true one
+    finite = xp.isfinite(logits).all(axis=1)
+    return int(((rank < int(k)) & finite).sum())
 
 
 def accuracy(logits, labels, topk=(1, 5)):
-    """Fraction of samples correct in top-k for each k in ``topk`` -> tuple of floats."""
+    """Fraction of samples correct in top-k for each k in ``topk`` -> tuple of
+    floats (ties and non-finite rows as ``topk_correct`` scores them)."""
     n = len(logits)
     if n == 0:
         raise ValueError("accuracy of an empty batch is undefined")

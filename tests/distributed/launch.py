@@ -30,18 +30,26 @@ needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="needs mpi4py and mpiru
                                   "(pip install mpi4py mpich)")
 
 
-def launch(n, script, *args):
-    """Run ``mpirun -n n python mpi_scripts/script args``; returns (CompletedProcess, seconds)."""
+def mpirun_command(n, script, *args):
+    """The command line ``mpirun -n n python mpi_scripts/script args``."""
     extra = os.environ.get("MINITORCH_GX_MPIRUN_ARGS", "").split()
     version = subprocess.run([MPIRUN, "--version"], capture_output=True, text=True).stdout
     if "Open MPI" in version or "OpenRTE" in version:
         extra.append("--oversubscribe")  # 3 ranks on a 2-core machine
-    cmd = [MPIRUN, *extra, "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
+    return [MPIRUN, *extra, "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
+
+
+def job_env():
     # One BLAS thread per rank: the ranks already share the cores.
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
+def launch(n, script, *args, timeout=TIMEOUT_S):
+    """Run ``mpirun -n n python mpi_scripts/script args``; returns (CompletedProcess, seconds)."""
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=REPO)
+    proc = subprocess.run(mpirun_command(n, script, *args), capture_output=True, text=True,
+                          timeout=timeout, env=job_env(), cwd=REPO)
     return proc, time.monotonic() - start
 
 

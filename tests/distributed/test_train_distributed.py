@@ -11,7 +11,7 @@ import time
 from tests.distributed.launch import MPIRUN, REPO, needs_mpirun
 
 ROOT = str(REPO)
-TINY = ["--arch", "resnext_mini", "--image_size", "16", "--per_batch_size", "4",
+TINY = ["--arch", "resnext_mini", "--image_size", "32", "--per_batch_size", "4",
         "--num_workers", "0", "--device_target", "CPU"]
 
 

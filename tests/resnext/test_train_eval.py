@@ -14,7 +14,7 @@ from resnext import trainer
 from resnext.evaluate import main as eval_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--arch", "resnext_mini", "--image_size", "16", "--per_batch_size", "4",
+TINY = ["--arch", "resnext_mini", "--image_size", "32", "--per_batch_size", "4",
         "--num_workers", "0", "--device_target", "CPU", "--lr", "0.05"]
 
 
@@ -78,31 +78,6 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     assert resumed[2]["global_step"] == straight[2]["global_step"] == 14
 
 
-def test_interrupt_mid_epoch_saves_and_resume_is_exact(data, tmp_path, monkeypatch):
-    common = ["--data_path", str(data / "train"), "--max_epoch", "2", "--ckpt_interval", "2"] + TINY
-    assert trainer.main(common + ["--output_path", str(tmp_path / "a")]) == 0
-    straight = final_weights(only_run(tmp_path / "a"))
-
-    real_step, calls = trainer.Run.step, []
-
-    def interrupted(self, images, labels):
-        if len(calls) == 10:            # the 4th step of epoch 2: Ctrl-C
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_step(self, images, labels)
-
-    monkeypatch.setattr(trainer.Run, "step", interrupted)
-    assert trainer.main(common + ["--output_path", str(tmp_path / "b")]) == 130
-    monkeypatch.setattr(trainer.Run, "step", real_step)
-    saved = os.listdir(os.path.join(only_run(tmp_path / "b"), "ckpt_0"))
-    assert "0-2_3.ckpt" in saved
-    partial = os.path.join(only_run(tmp_path / "b"), "ckpt_0", "0-2_3.ckpt")
-    assert trainer.main(common + ["--output_path", str(tmp_path / "c"), "--resume", partial]) == 0
-    resumed = final_weights(only_run(tmp_path / "c"))
-    for k, v in straight[0].items():
-        assert numpy.array_equal(v, resumed[0][k]), k
-
-
 def test_warm_start_loads_weights_only(data, tmp_path):
     assert trainer.main(["--data_path", str(data / "train"), "--output_path", str(tmp_path / "a"),
                          "--max_epoch", "1"] + TINY) == 0
@@ -115,35 +90,6 @@ def test_warm_start_loads_weights_only(data, tmp_path):
     for k, v in run.model.state_dict().items():
         assert numpy.array_equal(v, expected[k]), k
     assert not run.optimizer.flat_momentum.any() and run.scheduler.last_step == -1
-
-
-def test_non_finite_loss_stops_the_run(data, tmp_path):
-    out = tmp_path / "out"
-    code = trainer.main(["--data_path", str(data / "train"), "--output_path", str(out),
-                         "--max_epoch", "2"] + TINY[:-2] + ["--lr", "1e30"])
-    assert code == 1
-    run = only_run(out)
-    log = open(os.path.join(run, [f for f in os.listdir(run) if f.endswith(".log")][0])).read()
-    assert re.search(r"ERROR:epoch: 1 step: \d+, loss is (nan|inf)", log)
-    assert not [f for f in os.listdir(os.path.join(run, "ckpt_0")) if f.endswith(".ckpt")]
-
-
-def test_non_finite_loss_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    real_step, calls = trainer.Run.step, []
-
-    def diverging(self, images, labels):
-        calls.append(1)
-        loss, lr = real_step(self, images, labels)
-        return (float("nan") if len(calls) > 9 else loss), lr
-
-    monkeypatch.setattr(trainer.Run, "step", diverging)
-    out = tmp_path / "out"
-    code = trainer.main(["--data_path", str(data / "train"), "--output_path", str(out),
-                         "--max_epoch", "3", "--ckpt_interval", "1"] + TINY)
-    assert code == 1
-    saved = sorted(os.listdir(os.path.join(only_run(out), "ckpt_0")))
-    assert saved == ["0-1_7.ckpt", "metrics.jsonl"]
-    ckpt.load_checkpoint(os.path.join(only_run(out), "ckpt_0", "0-1_7.ckpt"))  # still readable
 
 
 def run_script(*argv):
@@ -163,7 +109,7 @@ def test_eval_of_missing_checkpoint_is_one_clear_line(data, tmp_path):
     r = run_script("eval.py", "--data_path", str(data / "val"), "--device_target", "CPU",
                    "--checkpoint_file_path", str(tmp_path / "none.ckpt"))
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'none.ckpt'}"]
+    assert r.stderr.strip().splitlines() == [f"error: --checkpoint_file_path {tmp_path / 'none.ckpt'}: no such file or folder"]
 
 
 def test_gpu_without_a_gpu_is_a_clear_error(tmp_path):

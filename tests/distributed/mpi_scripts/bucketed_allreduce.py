@@ -1,13 +1,14 @@
 """Run under mpirun: the bucketed gradient allreduce against a plain mean.
 
-    mpirun -n 3 python bucketed_allreduce.py [cpu|gpu] [transport]
+    mpirun -n 3 python bucketed_allreduce.py [cpu|gpu] [transport] [timeout]
 
 Every rank builds the same parameters (odd sizes, float32 and float64) and a
 loss whose gradient on rank r is a known rank-dependent array, so each rank
 can compute the expected mean of all ranks' gradients itself. Buckets are made
 tiny so that there are several of them. Prints one line "ok <check>" per
 check on rank 0 and "ALL OK" at the end; any failure raises, and the failure
-handler ends the job with a non-zero exit.
+handler ends the job with a non-zero exit. ``timeout``: the deadline of every
+collective, in seconds (the default's otherwise).
 """
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ SHAPES = [(7,), (3, 5), (1,), (2, 3, 3), (11,), (4, 1, 3)]  # 7+15+1+18+11+12 = 
 
 DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 TRANSPORT = sys.argv[2] if len(sys.argv) > 2 else None
+TIMEOUT = float(sys.argv[3]) if len(sys.argv) > 3 else 600.0
 xp = backend.cupy if DEVICE == "gpu" else numpy
 
 
@@ -73,7 +75,7 @@ def check_close(params, expect, what):
 
 
 def main():
-    ctx = distributed.init(DEVICE, TRANSPORT)
+    ctx = distributed.init(DEVICE, TRANSPORT, timeout=TIMEOUT)
     distributed.install_failure_handler(ctx)
     rank, world = ctx.rank, ctx.world_size
     say = print if rank == 0 else (lambda *a, **k: None)

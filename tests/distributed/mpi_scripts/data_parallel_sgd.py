@@ -11,7 +11,9 @@ For each model (an MLP without batch norm; a conv + batch norm + linear net):
 Batch norm runs in eval mode for the comparison with one process (batch
 statistics of b and N*b samples differ by design) and in train mode for
 the check that parameters stay identical while BN statistics stay per rank.
-Rank 0 prints one line "RESULT <json>" per run.
+Rank 0 prints one line "RESULT <json>" per run. With ``--flags`` the reducer
+also carries flags in its last bucket (every rank sets count=1 each step and
+checks the sum): the weights must come out the same.
 """
 import json
 import sys
@@ -56,11 +58,15 @@ def train_step(model, opt, x, y, reducer=None):
     loss = cross_entropy(model(x), y, label_smoothing=0.1)
     loss.backward()
     if reducer is not None:
+        if reducer.flag_names:
+            reducer.set_flags(count=1)
         reducer.synchronize()
+        if reducer.flag_names:
+            assert reducer.flags == {"stop": 0.0, "count": reducer.world_size}, reducer.flags
     opt.step()
 
 
-def run(kind, bn_training, ctx):
+def run(kind, bn_training, ctx, flags=()):
     rank, world = ctx.rank, ctx.world_size
     model = build(kind)
     if kind == "conv":
@@ -70,7 +76,8 @@ def run(kind, bn_training, ctx):
     opt = make_optimizer(model)
     distributed.broadcast_parameters(model)  # in place: SGD's flat views stay valid
     initial = {k: numpy.array(v, copy=True) for k, v in model.state_dict().items()}
-    reducer = distributed.GradientAllreducer(model.parameters(), bucket_mb=200 / 2 ** 20)
+    reducer = distributed.GradientAllreducer(model.parameters(), bucket_mb=200 / 2 ** 20,
+                                             flags=flags)
     for x, y in global_batches(world):
         shard = slice(rank * B, (rank + 1) * B)
         train_step(model, opt, x[shard], y[shard], reducer)
@@ -97,17 +104,19 @@ def run(kind, bn_training, ctx):
     print("RESULT " + json.dumps({"model": kind, "bn_training": bn_training, "world": world,
                                   "buckets": len(reducer.buckets), "identical": identical,
                                   "bn_stats_differ": stats_differ, "max_diff_vs_one_process": diff,
-                                  "max_weight_change": moved}), flush=True)
+                                  "max_weight_change": moved, "flags": bool(flags)}),
+          flush=True)
 
 
 def main():
     ctx = distributed.init("cpu")
     distributed.install_failure_handler(ctx)
-    kinds = sys.argv[1:] or ["mlp", "conv"]
+    flags = ("stop", "count") if "--flags" in sys.argv else ()
+    kinds = [a for a in sys.argv[1:] if a != "--flags"] or ["mlp", "conv"]
     for kind in kinds:
-        run(kind, bn_training=False, ctx=ctx)
+        run(kind, bn_training=False, ctx=ctx, flags=flags)
         if kind == "conv":
-            run(kind, bn_training=True, ctx=ctx)
+            run(kind, bn_training=True, ctx=ctx, flags=flags)
     distributed.barrier()
 
 

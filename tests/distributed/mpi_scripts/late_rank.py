@@ -1,0 +1,74 @@
+"""Run under mpirun: one rank stops answering; the others' deadline must end the job.
+
+    mpirun -n 3 python late_rank.py stop|sleep LATE COLLECTIVE TIMEOUT PIDFILE
+
+Every rank trains two steps with a GradientAllreducer (so that the counts of
+collectives entered are not trivial), then rank LATE freezes (``stop``:
+SIGSTOP to itself) or never comes (``sleep``: sleeps a minute), while the
+others enter COLLECTIVE: bucket, barrier, broadcast_object, allreduce_sum or
+broadcast_parameters. With a deadline of TIMEOUT seconds the job must end with
+one line "rank R: <collective> timed out ...: rank LATE did not answer ...".
+Every rank prints "rank R: pid P" and, before the collective that cannot
+complete, "rank R: entering at <time.time()>"; LATE writes its pid to PIDFILE
+so that the test can kill it should it survive.
+"""
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
+from minitorch_gx import distributed  # noqa: E402
+from minitorch_gx.nn import Parameter  # noqa: E402
+
+MODE, LATE, COLLECTIVE, TIMEOUT, PIDFILE = sys.argv[1], int(sys.argv[2]), sys.argv[3], \
+    float(sys.argv[4]), sys.argv[5]
+
+
+def step(params, reducer, rank):
+    for p in params:
+        p.grad = None
+    loss = None
+    for p in params:
+        term = (p * float(rank + 1)).sum()
+        loss = term if loss is None else loss + term
+    loss.backward()
+    reducer.synchronize()
+
+
+def main():
+    ctx = distributed.init("cpu", timeout=TIMEOUT)
+    distributed.install_failure_handler(ctx)
+    rank = ctx.rank
+    params = [Parameter(numpy.ones(s)) for s in [(5,), (7, 3), (4,)]]
+    reducer = distributed.GradientAllreducer(params, bucket_mb=30 / 2 ** 20)  # 3 buckets
+    assert len(reducer.buckets) == 3, reducer.bucket_sizes
+    for _ in range(2):
+        step(params, reducer, rank)
+    distributed.barrier()
+    print(f"rank {rank}: pid {os.getpid()}", flush=True)
+    if rank == LATE:
+        Path(PIDFILE).write_text(str(os.getpid()))
+        if MODE == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            time.sleep(60)
+    print(f"rank {rank}: entering at {time.time():.3f}", flush=True)
+    if COLLECTIVE == "bucket":
+        step(params, reducer, rank)
+    elif COLLECTIVE == "barrier":
+        distributed.barrier()
+    elif COLLECTIVE == "broadcast_object":
+        ctx.broadcast_object("run folder" if rank == 0 else None)
+    elif COLLECTIVE == "allreduce_sum":
+        distributed.allreduce_sum(1.5)
+    elif COLLECTIVE == "broadcast_parameters":
+        distributed.broadcast_parameters(params)
+    print(f"rank {rank}: passed the {COLLECTIVE} (should not happen)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
