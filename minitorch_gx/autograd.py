@@ -246,4 +246,3 @@ class Function:
         self.__dict__.clear()
         self.inputs = ()
         self.released = True
-

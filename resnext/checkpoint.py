@@ -205,5 +205,3 @@ def _why(e):
         return ("not a checkpoint: expected a .ckpt or .npz written by train.py or "
                 "python -m resnext.convert, or a PyTorch .pth")
     return str(e)
-
-

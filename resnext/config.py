@@ -120,7 +120,7 @@ def fill_defaults(args):
 # The settings that shape a run: --resume takes them from the checkpoint.
 RESUMED_SETTINGS = ("arch", "per_batch_size", "image_size", "lr", "warmup_epochs", "max_epoch",
                     "seed", "min_crop_scale", "zero_init_residual", "weight_decay", "momentum",
-                    "label_smooth_factor", "steps_per_epoch")
+                    "label_smooth_factor", "steps_per_epoch", "synthetic")
 
 # Both architectures halve the image five times (stem conv, max pool, layer2,
 # layer3, layer4): below 32 pixels the last stages see one pixel of real data

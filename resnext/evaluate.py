@@ -177,7 +177,7 @@ def main(argv=None):
                 named.add(image)
                 log.warning(f"unreadable image {image} ({reason}): not scored")
         if loader.unreadable:
-            log.warning(f"{loader.unreadable_count} unreadable image(s) skipped on rank "
+            log.warning(f"{len(loader.unreadable)} unreadable image(s) skipped on rank "
                         f"{group.rank}")
         results.append((path, top1 / total, top5 / total, total))
     if group.rank == 0:

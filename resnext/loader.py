@@ -21,8 +21,7 @@ or ranks.
 
 Unreadable images: a file that fails to *decode* (``transforms.DECODE_ERRORS``)
 is recorded in ``loader.unreadable``, a dict path -> reason holding each file
-once, in the order first met (``unreadable_count`` = its length); an epoch
-never stops for one bad file. In training it is replaced by the next sample of
+once, in the order first met; an epoch never stops for one bad file. In training it is replaced by the next sample of
 the dataset (i+1, i+2, ...). In evaluation its row is a blank image labelled
 ``IGNORE`` (-1), so that no image is scored twice: the evaluator drops those
 rows. Any other exception while preparing a sample (e.g. a crop size of 0) is
@@ -332,9 +331,6 @@ class Loader:
         # path -> reason of every unreadable file met (this loader, all epochs so
         # far), each once, in the order first met (on this rank: its own shard).
         self.unreadable = {}
-        # Failed decode attempts: a file met in three epochs counts three times.
-        # Kept for compatibility; ``unreadable_count`` counts files.
-        self.corrupt_count = 0
         self._pool = None
         self._finalizer = None
         self._generation = 0
@@ -376,19 +372,8 @@ class Loader:
         n = shard_size(len(self.recipe.samples), self.rank, self.world_size, self.train)
         return len(self) * self.batch_size if self.train else n
 
-    @property
-    def unreadable_count(self):
-        """Distinct unreadable files met so far (``len(self.unreadable)``)."""
-        return len(self.unreadable)
-
-    @property
-    def corrupt_paths(self):
-        """The unreadable files met so far, each once, in the order met (``list(unreadable)``)."""
-        return list(self.unreadable)
-
     def _count_bad(self, bad):
         for path, reason in bad:
-            self.corrupt_count += 1
             if path not in self.unreadable:
                 self.unreadable[path] = reason
                 if self.warn_unreadable:

@@ -12,6 +12,7 @@ checkpoint with a non-finite array is ever written, so the newest checkpoint
 on disk is always one that resumes.
 """
 import json
+import math
 import os
 import sys
 import time
@@ -54,7 +55,8 @@ class SyntheticBatches:
         rs = xp.random.RandomState(seed)
         self.images = rs.randint(0, 256, (batch_size, image_size, image_size, 3)).astype(xp.uint8)
         self.labels = rs.randint(0, SYNTHETIC_CLASSES, batch_size).astype(xp.int64)
-        self.steps, self.corrupt_count, self.start = steps, 0, 0
+        self.steps, self.start = steps, 0
+        self.unreadable = {}  # the loader's API: none here
 
     def set_epoch(self, epoch, start_batch=0):
         self.start = start_batch
@@ -71,7 +73,7 @@ class Run:
     """Everything one training run holds; ``fit()`` trains it."""
 
     def __init__(self, args, explicit=()):
-        self.resume_path = self.resume_meta = None
+        self.resume_path = self.resumed = None
         if args.resume:
             self._take_settings_from_checkpoint(args, set(explicit))
         self.args = args = fill_defaults(args)
@@ -89,7 +91,8 @@ class Run:
         """--resume continues the run as it was set up: the settings that shape
         it come from the checkpoint; a flag given that contradicts one is an error."""
         self.resume_path = ckpt.resolve_resume_path(args.resume)
-        _, _, meta = ckpt.load_checkpoint(self.resume_path)
+        self.resumed = ckpt.load_checkpoint(self.resume_path)  # (model, optimizer, meta) states
+        meta = self.resumed[2]
         saved = meta.get("settings", {})
         conflicts = []
         for key in RESUMED_SETTINGS:
@@ -103,7 +106,6 @@ class Run:
                             + "; ".join(conflicts) + ". Leave them out to resume as it was")
         if "data_path" not in explicit:
             args.data_path = saved.get("data_path", args.data_path)
-        self.resume_meta = meta
 
     def _make_data(self):
         a = self.args
@@ -153,11 +155,10 @@ class Run:
         self._batches_done = 0
         self._last_saved = None  # (epoch_index, batches_done) of the last save
         self._unreadable_logged = 0
-        if self.resume_path:
-            self._resume(self.resume_path)
+        if self.resumed:
+            self._resume(self.resume_path, *self.resumed)
 
-    def _resume(self, path):
-        model_state, optim_state, meta = ckpt.load_checkpoint(path)
+    def _resume(self, path, model_state, optim_state, meta):
         try:
             self.model.load_state_dict(model_state)
         except KeyError as e:
@@ -175,9 +176,12 @@ class Run:
         a = self.args
         removed = []
         if self.rank == 0:
-            # leftovers of saves killed midway, in earlier runs of this output path
-            for folder in [os.path.dirname(self.resume_path or "")] + \
-                    [os.path.join(a.output_path, d, "ckpt_0") for d in _subfolders(a.output_path)]:
+            # leftovers of saves killed midway, in the earlier runs of this
+            # output path and in the folder resumed from
+            folders = {os.path.join(a.output_path, d, "ckpt_0") for d in _subfolders(a.output_path)}
+            if self.resume_path:
+                folders.add(os.path.dirname(os.path.abspath(self.resume_path)))
+            for folder in sorted(folders):
                 removed += ckpt.remove_stale_parts(folder)
         # never shared: rank 0 creates it exclusively (a suffix if the name is
         # taken) and tells the others
@@ -195,8 +199,8 @@ class Run:
                       + (" (demo data)" if a.demo else ""))
         for path in removed:
             self.log.info(f"removed {path}, left by a save that was killed")
-        if self.resume_path:
-            m = self.resume_meta
+        if self.resumed:
+            m = self.resumed[2]
             self.log.info(f"resumed from {self.resume_path}: epoch {m['epoch_index'] + 1}, "
                           f"{m['batches_done']} steps of it done (global step "
                           f"{m.get('global_step')}), learning rate "
@@ -205,9 +209,18 @@ class Run:
     # -- saving ----------------------------------------------------------------
     def save(self, epoch_index, batches_done):
         """Rank 0 writes ``{rank}-{epoch}_{step}.ckpt`` (epoch 1-based). Raises
-        NonFiniteError, writing nothing, when an array is not finite."""
-        if self.rank != 0:
-            return None
+        NonFiniteError on every rank, writing nothing, when an array is not
+        finite (rank 0 decides; every rank calls this at the same point, so the
+        whole job stops together instead of the others waiting on rank 0)."""
+        refused = self._write_checkpoint(epoch_index, batches_done) if self.rank == 0 else None
+        if self.world > 1 and self.group.allreduce_sum(int(refused is not None)):
+            raise refused or ckpt.NonFiniteError("rank 0 refused to write a checkpoint holding "
+                                                 "NaN or infinity")
+        if refused is not None:
+            raise refused
+
+    def _write_checkpoint(self, epoch_index, batches_done):
+        """Write the checkpoint; return the NonFiniteError that refused it, or None."""
         meta = {"epoch_index": epoch_index, "batches_done": batches_done,
                 "global_step": self.scheduler.last_step + 1, "scheduler": self.scheduler.state_dict(),
                 "arch": self.args.arch, "num_classes": self.num_classes,
@@ -218,13 +231,15 @@ class Run:
                                                                 batches_done))
         try:
             ckpt.save_checkpoint(path, self.model, self.optimizer, meta)
+        except ckpt.NonFiniteError as e:
+            return e
         except OSError as e:  # a full disk: the earlier checkpoints stay intact
             raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; the earlier "
                             f"checkpoints in {self.ckpt_dir} are intact") from None
         ckpt.prune_checkpoints(self.ckpt_dir, self.args.ckpt_save_max)
         self._last_saved = (epoch_index, batches_done)
         self.log.info(f"saved checkpoint {path}")
-        return path
+        return None
 
     def newest_good_checkpoint(self):
         """A sentence naming the newest checkpoint a resume can start from.
@@ -249,7 +264,8 @@ class Run:
         loss = cross_entropy(self.model(x), xp.asarray(labels),
                              label_smoothing=self.args.label_smooth_factor)
         loss.backward()
-        finite = bool(xp.isfinite(loss.data)) and self._gradients_finite()
+        loss_value = float(loss.data)
+        finite = math.isfinite(loss_value) and self.optimizer.grads_finite()
         stop = self.stops.requested is not None
         if self.reducer is not None:
             self.reducer.set_flags(stop=stop, nonfinite=not finite)
@@ -257,11 +273,7 @@ class Run:
             stop, finite = self.reducer.flags["stop"] > 0, self.reducer.flags["nonfinite"] == 0
         if finite:
             self.optimizer.step()
-        return float(loss.data), lr, stop, finite
-
-    def _gradients_finite(self):
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return all(bool(self.xp.isfinite(g).all()) for g in grads)
+        return loss_value, lr, stop, finite
 
     def fit(self):
         with StopSignals() as self.stops:
@@ -333,7 +345,7 @@ class Run:
         self.log.info(f"epoch: {epoch_index + 1} step: {self._batches_done}, loss is {losses[-1]}")
         self.log.info(f"epoch time: {seconds * 1000:.3f} ms, per step time: "
                       f"{seconds * 1000 / steps:.3f} ms")
-        unreadable = getattr(self.loader, "unreadable", {})  # path -> reason, each file once
+        unreadable = self.loader.unreadable  # path -> reason, each file once
         for path in list(unreadable)[self._unreadable_logged:]:
             self.log.warning(f"unreadable image {path} ({unreadable[path]}): replaced by the "
                              f"next sample")

@@ -23,6 +23,7 @@ from .device import pair as _pair
 GEMM_FOR_1X1 = True  # route groups=1 1x1 convolutions to cuBLAS (see the module docstring)
 _i32 = numpy.int32
 
+
 def _conv_geometry(x_shape, W_shape, stride, padding, groups):
     n, c, h, w = x_shape
     k, cg, r, s = W_shape

@@ -8,6 +8,7 @@ from .device import LAUNCH, blocks as _blocks, defines as _defines, device_for
 
 _i64 = numpy.int64
 
+
 def add_relu_forward(a, b):
     """max(a + b, 0) in one pass (a and b of one shape)."""
     dev, dtype = device_for(a), a.dtype

@@ -7,6 +7,7 @@ from .device import LAUNCH, defines as _defines, device_for
 
 _i32 = numpy.int32
 
+
 def _smoothing(k, label_smoothing):
     """(on, off): the target on the true class and on each other class (ops/loss.py)."""
     eps = float(label_smoothing)

@@ -11,6 +11,7 @@ from .device import write_back as _write_back
 
 _i32 = numpy.int32
 
+
 def _bn_dims(x):
     if x.ndim < 2:
         raise ValueError(f"batch norm expects (N, C, ...) input, got shape {x.shape}")

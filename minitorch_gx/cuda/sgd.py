@@ -8,6 +8,7 @@ from .device import inplace as _inplace, write_back as _write_back
 
 _i32, _i64 = numpy.int32, numpy.int64
 
+
 def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta):
     """One fused SGD step over flat buffers, in place on p and buf.
 

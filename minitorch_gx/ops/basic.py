@@ -122,7 +122,6 @@ def _add_relu_forward_fast(a, b):
     return xp.maximum(y, 0, out=y)
 
 
-
 class Reshape(Function):
     def __init__(self, shape):
         self.shape = shape

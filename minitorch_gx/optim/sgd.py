@@ -118,6 +118,13 @@ class SGD:
                     grad[...] = p.grad
                 p.grad = grad
 
+    def grads_finite(self):
+        """True when no gradient holds a NaN or an infinity: one reduction over
+        the flat gradient, so a caller can refuse a step before taking it."""
+        self._gather_grads()
+        xp = backend.get_array_module(self.flat_grads)
+        return bool(xp.isfinite(self.flat_grads).all())
+
     def zero_grad(self):
         self.flat_grads.fill(0)
         for p, (_, grad, _) in zip(self._params, self._views):

@@ -52,3 +52,78 @@ def test_a_bad_data_folder_ends_the_whole_job(tmp_path):
     assert proc.returncode != 0
     assert re.search(r"rank \d: error: .*missing", proc.stderr), proc.stderr[-2000:]
     assert seconds < 60
+
+
+@needs_mpirun
+def test_a_huge_learning_rate_stops_every_rank_together(data, tmp_path):
+    out = tmp_path / "out"
+    proc, seconds = mpirun(2, "train.py", "--run_distribute=1", f"--data_path={data / 'train'}",
+                           "--output_path", str(out), "--max_epoch", "3", "--lr", "1e30",
+                           "--dist_timeout", "30", *TINY)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # not 124: no rank was left waiting
+    assert seconds < 25
+    (run,) = os.listdir(out)
+    for log in (f for f in os.listdir(out / run) if f.endswith(".log")):
+        text = open(out / run / log).read()
+        assert re.search(r"ERROR:epoch: \d step: \d+, loss is .*not finite \(on some rank\)", text)
+
+
+@needs_mpirun
+def test_a_refused_checkpoint_stops_every_rank_together(data, tmp_path):
+    from tests.distributed.launch import SCRIPTS
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    start = time.monotonic()
+    proc = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(SCRIPTS / "poisoned_save.py"),
+                           "--run_distribute=1", f"--data_path={data / 'train'}",
+                           "--output_path", str(out), "--max_epoch", "4", "--ckpt_interval", "1",
+                           "--dist_timeout", "30", *TINY], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert time.monotonic() - start < 25
+    (run,) = os.listdir(out)
+    assert sorted(os.listdir(out / run / "ckpt_0")) == ["0-1_3.ckpt", "metrics.jsonl"]
+    logs = [open(out / run / f).read() for f in sorted(os.listdir(out / run))
+            if f.endswith(".log")]
+    assert "hold NaN or infinity (first: model/bn1.running_var)" in logs[0]
+    assert "rank 0 refused to write a checkpoint" in logs[1]
+
+
+@needs_mpirun
+def test_ctrl_c_to_mpirun_stops_every_rank_at_one_step_and_resumes_exactly(data, tmp_path):
+    import signal
+
+    import numpy
+
+    from resnext import checkpoint as ckpt
+    args = ["--run_distribute=1", f"--data_path={data / 'train'}", "--max_epoch", "60",
+            "--ckpt_interval", "60", *TINY]
+    proc, _ = mpirun(2, "train.py", "--output_path", str(tmp_path / "straight"), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    out = tmp_path / "stopped"
+    job = subprocess.Popen([MPIRUN, "-n", "2", sys.executable, "train.py", "--output_path",
+                            str(out), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until both ranks are training
+        logs = [os.path.join(r, f) for r in (out.glob("*")) for f in os.listdir(r)
+                if f.endswith(".log")] if out.exists() else []
+        if len(logs) == 2 and all("epoch: 2 step" in open(f).read() for f in logs):
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130, stderr[-3000:]
+    stops = [re.findall(r"stopping at epoch (\d+) step (\d+)", open(f).read()) for f in logs]
+    assert len(stops[0]) == 1 and stops[0] == stops[1], stops  # the same step on both ranks
+    (run,) = os.listdir(out)
+    proc, _ = mpirun(2, "train.py", "--run_distribute=1", "--resume", str(out / run),
+                     "--output_path", str(tmp_path / "resumed"), "--num_workers", "0",
+                     "--device_target", "CPU")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = [ckpt.load_checkpoint(os.path.join(folder, os.listdir(folder)[0], "ckpt_0",
+                                               "0-60_3.ckpt"))
+             for folder in (tmp_path / "straight", tmp_path / "resumed")]
+    for k, v in final[0][0].items():
+        assert numpy.array_equal(v, final[1][0][k]), k

@@ -50,7 +50,7 @@ def kill_self(signum=signal.SIGINT):
     os.kill(os.getpid(), signum)
 
 
-@pytest.mark.parametrize("where", ["inside-forward", "after-backward", "twice-in-a-step"])
+@pytest.mark.parametrize("where", ["end-of-forward", "after-backward", "twice-in-a-step"])
 def test_a_signal_inside_a_step_resumes_bit_identically(where, data, tmp_path, monkeypatch,
                                                         straight):
     real_backward = trainer.cross_entropy
@@ -66,14 +66,14 @@ def test_a_signal_inside_a_step_resumes_bit_identically(where, data, tmp_path, m
         return loss
 
     if where == "after-backward":
-        real_sync = trainer.Run._gradients_finite
+        real_check = trainer.SGD.grads_finite  # runs right after backward
 
         def signal_after_backward(self):
             calls.append(1)
             if len(calls) == 10:
                 kill_self(signal.SIGTERM)
-            return real_sync(self)
-        monkeypatch.setattr(trainer.Run, "_gradients_finite", signal_after_backward)
+            return real_check(self)
+        monkeypatch.setattr(trainer.SGD, "grads_finite", signal_after_backward)
     else:
         monkeypatch.setattr(trainer, "cross_entropy", loss_then_signal)
     code = trainer.main(common(data) + ["--output_path", str(tmp_path / "b")])
@@ -120,9 +120,15 @@ def test_a_signal_during_a_checkpoint_write_keeps_the_save(data, tmp_path, monke
     resume_and_compare(data, tmp_path, tmp_path / "b", straight)
 
 
-def test_sigterm_to_a_real_process_saves_and_exits_143(data, tmp_path, straight):
+def test_sigterm_to_a_real_process_saves_and_exits_143(data, tmp_path):
+    # long enough that the signal surely comes before the end (the tiny run
+    # takes ~15 ms a step), compared with the same run never stopped
+    args = ["--data_path", str(data / "train"), "--max_epoch", "40", "--ckpt_interval", "40"] + \
+        TINY
+    assert trainer.main(args + ["--output_path", str(tmp_path / "a")]) == 0
+    straight = final_weights(only_run(tmp_path / "a"))
     out = tmp_path / "b"
-    cmd = [sys.executable, "train.py", "--output_path", str(out)] + common(data) + \
+    cmd = [sys.executable, "train.py", "--output_path", str(out)] + args + \
         ["--num_workers", "1"]  # a worker process, which must not die of the signal first
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -137,6 +143,7 @@ def test_sigterm_to_a_real_process_saves_and_exits_143(data, tmp_path, straight)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
+    assert "SIGTERM: stopping after the current step" in stderr
     assert "Traceback" not in stderr
     log = open(logs[0]).read()
     assert re.search(r"stopping at epoch \d step \d+ on a signal", log)
@@ -175,14 +182,20 @@ def test_a_huge_learning_rate_stops_with_no_poisoned_checkpoint(data, tmp_path):
         assert "no checkpoint was written in this run" in log
 
 
+def weights_and_momentum(run):
+    """The state one SGD step changes (not the BN statistics, which forward updates)."""
+    state = {k: v.copy() for k, v in run.model.state_dict().items()
+             if "running" not in k and "num_batches" not in k}
+    return state, run.optimizer.flat_momentum.copy()
+
+
 def test_a_non_finite_gradient_is_not_applied(data, tmp_path, monkeypatch):
-    real_step, calls, before = trainer.Run.step, [], {}
+    real_step, calls, seen = trainer.Run.step, [], {}
 
     def poisoned_gradient(self, images, labels):
         calls.append(1)
         if len(calls) == 9:  # a finite loss, an infinite gradient in one parameter
-            before.update({k: v.copy() for k, v in self.model.state_dict().items()
-                           if "running" not in k and "num_batches" not in k})
+            seen["run"], seen["before"] = self, weights_and_momentum(self)
             p = next(iter(self.model.parameters()))
             p.register_post_accumulate_grad_hook(lambda t: t.grad.fill(numpy.inf))
         return real_step(self, images, labels)
@@ -191,6 +204,11 @@ def test_a_non_finite_gradient_is_not_applied(data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert trainer.main(["--data_path", str(data / "train"), "--output_path", str(out),
                          "--max_epoch", "3", "--ckpt_interval", "1"] + TINY) == 1
+    (state, momentum), (state_before, momentum_before) = (weights_and_momentum(seen["run"]),
+                                                          seen["before"])
+    for k, v in state_before.items():
+        assert numpy.array_equal(state[k], v), k  # the poisoned step changed nothing
+    assert numpy.array_equal(momentum, momentum_before)
     run = only_run(out)
     assert sorted(os.listdir(os.path.join(run, "ckpt_0"))) == ["0-1_7.ckpt", "metrics.jsonl"]
     assert f"the newest good checkpoint is {os.path.join(run, 'ckpt_0', '0-1_7.ckpt')}" in \
