@@ -243,14 +243,18 @@ def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, mo
     mean = _channel_sum(x2, c) / m
     d = x2 - _per_element(mean, length, x.dtype)  # (N, C*L); becomes y in place
     var = _channel_dot(d, d, c) / m  # two-pass variance: sum (x - mean)^2
-    invstd = 1 / xp.sqrt(var + eps)
-    d *= _per_element(gamma.astype(numpy.float64) * invstd, length, x.dtype)
+    scale = gamma.astype(numpy.float64) / xp.sqrt(var + eps)
+    d *= _per_element(scale, length, x.dtype)
     d += _per_element(beta, length, x.dtype)
     if relu:
         xp.maximum(d, 0, out=d)
+    # the statistics in x's dtype before the update and invstd, as the kernels
+    # and the reference compute them (float64 here would change every result
+    # in its last bits, and with them a whole training run)
+    mean, var = mean.astype(x.dtype), var.astype(x.dtype)
     if running_mean is not None:
         update_running_reference(running_mean, running_var, mean, var, m, momentum)
-    return d.reshape(x.shape), mean.astype(x.dtype), invstd.astype(x.dtype)
+    return d.reshape(x.shape), mean, 1 / xp.sqrt(var + eps)
 
 
 def _backward_fast(gy, x, y, gamma, mean, invstd, relu):
