@@ -141,13 +141,26 @@ def _check(problems, ok, flag, value, must):
         problems.append(f"{flag} {value}: must be {must}")
 
 
-def validate_train_args(args):
-    """Every flag checked before any work starts: one UserError listing what is wrong."""
+def _common_problems(args):
+    """What is wrong with the flags train.py and eval.py share (``_common``)."""
     p = []
     _check(p, lambda v: v >= 1, "--per_batch_size", args.per_batch_size, "at least 1")
     _check(p, lambda v: v >= MIN_IMAGE_SIZE, "--image_size", args.image_size,
-           f"at least {MIN_IMAGE_SIZE}, the smallest size {args.arch} supports (it halves the "
-           f"image five times)")
+           f"at least {MIN_IMAGE_SIZE}, the smallest size the networks support (they halve "
+           f"the image five times)")
+    _check(p, lambda v: v >= 0, "--num_workers", args.num_workers, "0 or more")
+    _check(p, lambda v: v > 0, "--dist_timeout", args.dist_timeout, "greater than 0 (seconds)")
+    if args.data_path is not None and not os.path.isdir(args.data_path):
+        p.append(f"--data_path {args.data_path}: no such folder")
+    path = args.checkpoint_file_path
+    if path is not None and not os.path.exists(path):
+        p.append(f"--checkpoint_file_path {path}: no such file or folder")
+    return p
+
+
+def validate_train_args(args):
+    """Every flag checked before any work starts: one UserError listing what is wrong."""
+    p = _common_problems(args)
     _check(p, lambda v: v > 0, "--lr", args.lr, "greater than 0")
     _check(p, lambda v: v >= 1, "--max_epoch", args.max_epoch, "at least 1")
     _check(p, lambda v: v >= 0, "--warmup_epochs", args.warmup_epochs, "0 or more")
@@ -160,30 +173,17 @@ def validate_train_args(args):
            "at least 1 (checkpoints kept)")
     _check(p, lambda v: v >= 1, "--log_interval", args.log_interval, "at least 1 (steps)")
     _check(p, lambda v: v >= 1, "--steps_per_epoch", args.steps_per_epoch, "at least 1")
-    _check(p, lambda v: v >= 0, "--num_workers", args.num_workers, "0 or more")
-    _check(p, lambda v: v > 0, "--dist_timeout", args.dist_timeout, "greater than 0 (seconds)")
     _check(p, lambda v: 0 < v <= 1, "--min_crop_scale", args.min_crop_scale, "in (0, 1]")
-    if args.data_path is not None and not os.path.isdir(args.data_path):
-        p.append(f"--data_path {args.data_path}: no such folder")
     _check_output_path(p, args.output_path)
-    for flag in ("resume", "checkpoint_file_path"):
-        path = getattr(args, flag, None)
-        if path is not None and not os.path.exists(path):
-            p.append(f"--{flag} {path}: no such file or folder")
+    if args.resume is not None and not os.path.exists(args.resume):
+        p.append(f"--resume {args.resume}: no such file or folder")
     if p:
         raise UserError("; ".join(p))
 
 
 def validate_eval_args(args):
-    p = []
-    _check(p, lambda v: v >= 1, "--per_batch_size", args.per_batch_size, "at least 1")
-    _check(p, lambda v: v >= MIN_IMAGE_SIZE, "--image_size", args.image_size,
-           f"at least {MIN_IMAGE_SIZE}")
-    _check(p, lambda v: v >= 0, "--num_workers", args.num_workers, "0 or more")
-    if args.data_path is not None and not os.path.isdir(args.data_path):
-        p.append(f"--data_path {args.data_path}: no such folder")
-    if args.checkpoint_file_path is not None and not os.path.exists(args.checkpoint_file_path):
-        p.append(f"--checkpoint_file_path {args.checkpoint_file_path}: no such file or folder")
+    """The same for eval.py: one UserError before any work."""
+    p = _common_problems(args)
     if p:
         raise UserError("; ".join(p))
 

@@ -124,7 +124,7 @@ def evaluate(model, loader, xp, group):
 
 def main(argv=None):
     args = eval_parser().parse_args(argv)
-    args.per_batch_size = args.per_batch_size or 128
+    args.per_batch_size = 128 if args.per_batch_size is None else args.per_batch_size
     validate_eval_args(args)
     device = choose_device(args.device_target)
     group = process_group(args.run_distribute, device, args.dist_timeout)

@@ -356,3 +356,17 @@ def test_a_text_file_as_weights_says_what_weights_should_be(data, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "allow_pickle" not in lines[0]
     assert "expected a .ckpt or .npz written by train.py" in lines[0] and ".pth" in lines[0]
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--image_size", "7"], "--image_size 7: must be at least 32"),
+    (["--per_batch_size", "0"], "--per_batch_size 0: must be at least 1"),
+    (["--dist_timeout", "0"], "--dist_timeout 0.0: must be greater than 0"),
+])
+def test_bad_eval_flags_are_one_line_before_any_work(flags, says, tmp_path):
+    r = subprocess.run([sys.executable, "eval.py", "--device_target", "CPU", "--output_path",
+                        str(tmp_path / "none")] + flags, cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), r.stderr
