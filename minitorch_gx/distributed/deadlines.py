@@ -16,8 +16,13 @@ exit status 124):
 (one line in reality). Who is late: every rank counts the collectives it
 has entered. MPI makes every rank issue its collectives in the same order, so
 collective number n is the same operation on every rank, and a rank whose
-count is below n has not reached it. Each rank keeps its count in an MPI window
-(one int64 per rank, allocated by ``init``; updating it is a store to memory).
+count is below n has not reached it. A rank can also freeze *inside* the
+collective (stopped, swapped out, stuck in the driver): then its count is
+right, but it stops polling. So each waiting rank also stamps the time at
+every poll, and a rank inside the collective whose stamp is older than
+``STALE_S`` is named as having stopped answering inside it. Each rank keeps
+its count and its stamp in an MPI window (two int64 per rank, allocated by
+``init``; updating them is a store to memory).
 When a deadline passes the rank reads every count with one-sided ``Rget``s;
 between ranks of one host that is a read of shared memory, which works even
 when the other rank is stopped. A count that cannot be read within a second
@@ -44,6 +49,7 @@ from .failures import fatal
 
 GRACE_S = 2.0          # extra wait per place after the first reporter
 READ_TIMEOUT_S = 1.0   # how long the one-sided reads of the counts may take
+STALE_S = 1.0          # a rank polling a collective stamps the time more often than this
 TIMEOUT_EXIT_CODE = 124  # the job's exit status, as for GNU timeout
 _SPIN_S = 0.05         # Test without sleeping for this long first, as MPI's Wait would
 _MAX_PAUSE_S = 1e-3    # then sleep between Tests, up to this long
@@ -77,13 +83,14 @@ class Watch:
         from mpi4py import MPI
         self.MPI = MPI
         try:
-            win = MPI.Win.Allocate(8, 8, comm=self.comm)  # collective: every rank, in init
+            win = MPI.Win.Allocate(16, 8, comm=self.comm)  # collective: every rank, in init
             win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch, for reads at any time
         except MPI.Exception:  # an MPI without one-sided support: counts stay unknown
             return
         self._win = win
-        self._record = numpy.frombuffer(win.tomemory(), dtype=numpy.int64)  # (1,)
-        self._record[0] = 0
+        # (2,): collectives entered, and the time of the last poll (ms since the epoch)
+        self._record = numpy.frombuffer(win.tomemory(), dtype=numpy.int64)
+        self._record[:] = 0
         atexit.register(self.close)
 
     def close(self):
@@ -99,7 +106,12 @@ class Watch:
         self.entered += 1
         if self._record is not None:
             self._record[0] = self.entered
+            self._stamp()
         return self.entered
+
+    def _stamp(self):
+        if self._record is not None:
+            self._record[1] = int(time.time() * 1000)  # wall clock: comparable across hosts
 
     def collective(self, what, issue):
         """Enter a collective: ``issue()`` starts it and returns its request;
@@ -116,6 +128,7 @@ class Watch:
             return
         spin_until, pause = time.monotonic() + _SPIN_S, 0.0
         while not request.Test():  # each Test also moves MPICH's progress engine
+            self._stamp()  # alive and polling
             now = time.monotonic()
             if now - started >= self.timeout:
                 self.expire(what, number)
@@ -128,46 +141,64 @@ class Watch:
     # -- past the deadline -------------------------------------------------------
     def expire(self, what, number):
         """Report collective ``number`` as timed out and end the job."""
-        counts = self.read_counts()
+        counts, stamps = self.read_counts()
         late = [r for r, c in enumerate(counts) if c is not None and c < number]
+        now_ms = time.time() * 1000
+        # inside this very collective (a rank past it may be computing), not polling
+        frozen = {r: (now_ms - stamps[r]) / 1000 for r, c in enumerate(counts)
+                  if r != self.rank and c == number and stamps[r] is not None
+                  and now_ms - stamps[r] > STALE_S * 1000}
         line = (f"{what() if callable(what) else what} timed out after {self.timeout:g} s "
-                f"(collective {number} of this job): {describe_late(late, counts)}")
-        reporters = [r for r in range(self.world_size) if r not in late]
+                f"(collective {number} of this job): {describe_late(late, counts, frozen)}")
+        reporters = [r for r in range(self.world_size) if r not in late and r not in frozen]
         place = reporters.index(self.rank) if self.rank in reporters else 0
         if place:
             time.sleep(GRACE_S * place)  # the first reporter's abort normally ends us here
         fatal(line, self.ctx, exit_code=TIMEOUT_EXIT_CODE)
 
     def read_counts(self):
-        """Every rank's count of collectives entered (None where unreadable)."""
-        counts = [None] * self.world_size
+        """Every rank's count of collectives entered and the time of its last
+        poll in ms (None where unreadable), as two lists."""
+        counts, stamps = [None] * self.world_size, [None] * self.world_size
         counts[self.rank] = self.entered
         if self._win is None:
-            return counts
+            return counts, stamps
         others = [r for r in range(self.world_size) if r != self.rank]
-        values = numpy.full(self.world_size, -1, numpy.int64)
-        requests = {r: self._win.Rget(values[r:r + 1], r) for r in others}
+        values = numpy.full((self.world_size, 2), -1, numpy.int64)
+        requests = {r: self._win.Rget(values[r], r) for r in others}
         give_up = time.monotonic() + READ_TIMEOUT_S
         while requests and time.monotonic() < give_up:
             for r in [r for r, req in requests.items() if req.Test()]:
-                counts[r] = int(values[r])
+                counts[r], stamps[r] = int(values[r, 0]), int(values[r, 1])
                 del requests[r]
             time.sleep(1e-3)
-        return counts  # the reads still pending are abandoned: the job ends now
+        return counts, stamps  # the reads still pending are abandoned: the job ends now
 
 
-def describe_late(late, counts):
-    """The end of the error line: who did not answer, as far as is known."""
+def describe_late(late, counts, frozen=None):
+    """The end of the error line: who did not answer, as far as is known.
+    ``late``: ranks that have not entered the collective; ``frozen``: rank ->
+    seconds since it last polled, for ranks inside it that stopped answering."""
+    parts = []
     if late:
         names = " and ".join(f"{r}" for r in late)
         entered = " and ".join(f"{counts[r]}" for r in late)
         if len(late) == 1:
-            return f"rank {names} did not answer: it has entered only {entered} collectives"
-        return f"ranks {names} did not answer: they have entered only {entered} collectives"
+            parts.append(f"rank {names} did not answer: it has entered only {entered} collectives")
+        else:
+            parts.append(f"ranks {names} did not answer: they have entered only {entered} "
+                         "collectives")
+    if frozen:
+        names = " and ".join(f"{r}" for r in sorted(frozen))
+        ages = " and ".join(f"{frozen[r]:.1f}" for r in sorted(frozen))
+        parts.append(f"rank{'s' if len(frozen) > 1 else ''} {names} stopped answering inside "
+                     f"it (no sign of life for {ages} s)")
+    if parts:
+        return "; ".join(parts)
     unread = [r for r, c in enumerate(counts) if c is None]
     if unread:
         return ("a rank did not answer (every rank that could be read has entered this "
                 f"collective; unreadable: rank{'s' if len(unread) > 1 else ''} "
                 f"{', '.join(map(str, unread))})")
-    return ("a rank did not answer (every rank has entered this collective: one may be stuck "
-            "inside it, or the ranks issued different collectives)")
+    return ("a rank did not answer (every rank has entered this collective and is still "
+            "polling it: one may be stuck inside it, or the ranks issued different collectives)")

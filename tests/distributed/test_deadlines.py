@@ -73,6 +73,20 @@ def test_a_late_rank_ends_the_job_with_one_line_naming_it(tmp_path, n, mode, lat
 
 
 @needs_mpirun
+def test_a_rank_frozen_inside_a_collective_is_named(tmp_path):
+    """Rank 1 enters a large allreduce and is stopped there (SIGSTOP from a
+    timer); rank 0 enters a second later. Both have entered collective 8:
+    the count cannot tell, the stale poll stamp does."""
+    proc, ended = run_late_rank(tmp_path, 2, "stop-inside", 1, "allreduce_sum")
+    assert proc.returncode != 0, report(proc)
+    lines = [line for line in proc.stderr.splitlines() if "timed out" in line]
+    assert len(lines) == 1, report(proc)
+    assert re.fullmatch(r"rank 0: allreduce_sum timed out after 3 s \(collective 8 of this "
+                        r"job\): rank 1 stopped answering inside it \(no sign of life for "
+                        r"\d+\.\d s\)", lines[0]), report(proc)
+
+
+@needs_mpirun
 @pytest.mark.parametrize("job", ["frozen rank", "failing rank"])
 def test_an_aborted_job_leaves_nothing_in_dev_shm(tmp_path, job):
     """A job ended by a deadline or by a failing rank (test_failures.py), then
@@ -112,3 +126,8 @@ def test_the_line_names_the_late_ranks_or_says_it_does_not_know():
         "unreadable: rank 1)")
     assert deadlines.describe_late([], [9, 9]).startswith(
         "a rank did not answer (every rank has entered this collective")
+    assert deadlines.describe_late([], [9, 9, 9], {2: 3.14}) == \
+        "rank 2 stopped answering inside it (no sign of life for 3.1 s)"
+    assert deadlines.describe_late([1], [9, 8, 9], {2: 2.0}) == (
+        "rank 1 did not answer: it has entered only 8 collectives; "
+        "rank 2 stopped answering inside it (no sign of life for 2.0 s)")

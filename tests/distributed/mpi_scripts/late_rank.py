@@ -1,11 +1,13 @@
 """Run under mpirun: one rank stops answering; the others' deadline must end the job.
 
-    mpirun -n 3 python late_rank.py stop|sleep LATE COLLECTIVE TIMEOUT PIDFILE
+    mpirun -n 3 python late_rank.py stop|sleep|stop-inside LATE COLLECTIVE TIMEOUT PIDFILE
 
 Every rank trains two steps with a GradientAllreducer (so that the counts of
 collectives entered are not trivial), then rank LATE freezes (``stop``:
 SIGSTOP to itself) or never comes (``sleep``: sleeps a minute), while the
-others enter COLLECTIVE: bucket, barrier, broadcast_object, allreduce_sum or
+others enter COLLECTIVE; with ``stop-inside`` LATE enters it first and a timer
+stops it there 0.3 s later, while the others enter 1 s late (allreduce_sum
+then sums 16 MB, which cannot complete without LATE). COLLECTIVE: bucket, barrier, broadcast_object, allreduce_sum or
 broadcast_parameters. With a deadline of TIMEOUT seconds the job must end with
 one line "rank R: <collective> timed out ...: rank LATE did not answer ...".
 Every rank prints "rank R: pid P" and, before the collective that cannot
@@ -15,6 +17,7 @@ so that the test can kill it should it survive.
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,10 +55,14 @@ def main():
     print(f"rank {rank}: pid {os.getpid()}", flush=True)
     if rank == LATE:
         Path(PIDFILE).write_text(str(os.getpid()))
-        if MODE == "stop":
+        if MODE == "stop-inside":
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGSTOP)).start()
+        elif MODE == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
         else:
             time.sleep(60)
+    elif MODE == "stop-inside":
+        time.sleep(1.0)  # the late rank is inside the collective, then frozen there
     print(f"rank {rank}: entering at {time.time():.3f}", flush=True)
     if COLLECTIVE == "bucket":
         step(params, reducer, rank)
@@ -64,7 +71,8 @@ def main():
     elif COLLECTIVE == "broadcast_object":
         ctx.broadcast_object("run folder" if rank == 0 else None)
     elif COLLECTIVE == "allreduce_sum":
-        distributed.allreduce_sum(1.5)
+        distributed.allreduce_sum(numpy.ones(4_000_000, numpy.float32) if MODE == "stop-inside"
+                                  else 1.5)
     elif COLLECTIVE == "broadcast_parameters":
         distributed.broadcast_parameters(params)
     print(f"rank {rank}: passed the {COLLECTIVE} (should not happen)", flush=True)
