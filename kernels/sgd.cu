@@ -12,6 +12,9 @@
 //   buf = momentum * buf + d        (buf starts at 0, so the first step stores d)
 //   p   = p - lr * buf
 // With momentum 0 there is no buffer: p = p - lr * d, buf is left alone.
+// skip[0] != 0 (the trainer's "a loss or gradient is not finite" flag,
+// computed on the device) makes the launch change nothing: the decision to
+// skip a step never needs the host to read a device value.
 //
 // Threads: a grid-stride loop, one element per thread per iteration; each
 // element finds its group by binary search in group_end (a handful of cached
@@ -32,7 +35,8 @@ extern "C" __global__ void __launch_bounds__(SGD_THREADS)
 sgd_momentum_update(real* __restrict__ p, const real* __restrict__ g, real* __restrict__ buf,
                     const long long* __restrict__ group_end, const real* __restrict__ lr,
                     const real* __restrict__ wd, const real* __restrict__ momentum,
-                    int groups, long long n) {
+                    const real* __restrict__ skip, int groups, long long n) {
+    if (skip[0] != 0) return;
     const long long step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         // the first group whose end lies past i

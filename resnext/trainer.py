@@ -9,10 +9,11 @@ Stops are taken between steps and by all ranks together: a signal (see
 ``stops``) or a non-finite loss or gradient on any rank ends the run after
 the same step everywhere. A non-finite step is not applied, and no
 checkpoint with a non-finite array is ever written, so the newest checkpoint
-on disk is always one that resumes.
+on disk is always one that resumes. A step reads nothing back from the
+device: its loss and flags are read every ``read_interval()`` steps (each step
+on a CPU, each --log_interval on a GPU), where those decisions are taken.
 """
 import json
-import math
 import os
 import sys
 import time
@@ -49,12 +50,14 @@ def param_groups(model, weight_decay):
 
 
 class SyntheticBatches:
-    """The same random uint8 batch, made once on the device, every step."""
+    """The same random uint8 batch, made once on the device, every step (the
+    labels stay on the host, where the loss checks them)."""
 
     def __init__(self, batch_size, image_size, steps, xp, seed):
         rs = xp.random.RandomState(seed)
         self.images = rs.randint(0, 256, (batch_size, image_size, image_size, 3)).astype(xp.uint8)
-        self.labels = rs.randint(0, SYNTHETIC_CLASSES, batch_size).astype(xp.int64)
+        self.labels = backend.to_numpy(rs.randint(0, SYNTHETIC_CLASSES, batch_size)
+                                       .astype(xp.int64))
         self.steps, self.start = steps, 0
         self.unreadable = {}  # the loader's API: none here
 
@@ -253,27 +256,38 @@ class Run:
 
     # -- training ----------------------------------------------------------------
     def step(self, images, labels):
-        """One training step. Returns (loss, lr, stop, finite): ``stop`` and
-        ``finite`` are the decision of all ranks together (a signal on any
-        rank; a non-finite loss or gradient on any rank). A non-finite step
-        is not applied to the weights."""
+        """One training step, queued on the device: nothing in it reads a device
+        value back (on a GPU that would wait for the step to finish). Returns
+        (loss, nonfinite, stop, lr) for ``_read_steps``: ``loss`` and
+        ``nonfinite`` are 0-d device arrays; ``stop`` is a bool, or under mpirun
+        a 0-d array. ``nonfinite`` and ``stop`` are the decision of all ranks
+        together (a non-finite loss or gradient on any rank; a signal on any
+        rank). A non-finite step is not applied: the SGD update reads
+        ``nonfinite`` on the device and changes nothing."""
         xp = self.xp
         x = mt.Tensor(normalize(xp.asarray(images), xp, numpy.float32))
         lr = self.scheduler.step()
         self.optimizer.zero_grad()
-        loss = cross_entropy(self.model(x), xp.asarray(labels),
+        # host labels: checked on the host, then copied (no read-back)
+        loss = cross_entropy(self.model(x), backend.to_numpy(labels),
                              label_smoothing=self.args.label_smooth_factor)
         loss.backward()
-        loss_value = float(loss.data)
-        finite = math.isfinite(loss_value) and self.optimizer.grads_finite()
+        nonfinite = self.optimizer.nonfinite(loss.data)
         stop = self.stops.requested is not None
         if self.reducer is not None:
-            self.reducer.set_flags(stop=stop, nonfinite=not finite)
+            self.reducer.set_flags(stop=stop, nonfinite=nonfinite)
             self.reducer.synchronize()
-            stop, finite = self.reducer.flags["stop"] > 0, self.reducer.flags["nonfinite"] == 0
-        if finite:
-            self.optimizer.step()
-        return loss_value, lr, stop, finite
+            stop, nonfinite = self.reducer.flag_sum("stop"), self.reducer.flag_sum("nonfinite")
+        self.optimizer.step(skip=nonfinite)
+        return loss.data, nonfinite, stop, lr
+
+    def read_interval(self):
+        """Steps between reads of the steps' results (loss, non-finite and stop
+        flags) by the host: every step on a CPU, where reading costs nothing;
+        every --log_interval steps on a GPU, so that the host queues steps ahead
+        of the device instead of waiting for each. Also read: at the end of an
+        epoch, and at once when this single process is asked to stop."""
+        return 1 if self.device == "cpu" else self.args.log_interval
 
     def fit(self):
         with StopSignals() as self.stops:
@@ -294,29 +308,23 @@ class Run:
         self.loader.set_epoch(epoch_index, start_batch=start)
         self._batches_done = start
         progress = _Progress(self.steps_per_epoch - start, epoch_index, a.max_epoch, self.rank)
-        losses, t0, seen = [], time.perf_counter(), 0
+        losses, pending, t0, seen = [], [], time.perf_counter(), 0
+        interval = self.read_interval()
         for images, labels in self.loader:
             if self._batches_done >= self.steps_per_epoch:
                 break
-            loss, lr, stop, finite = self.step(images, labels)
-            if not finite:
-                progress.close()
-                self.log.error(f"epoch: {epoch_index + 1} step: {self._batches_done + 1}, loss is "
-                               f"{loss}: a loss or gradient is not finite (on some rank); the "
-                               f"step was not applied; stopping. {self.newest_good_checkpoint()}")
-                return 1
+            pending.append(self.step(images, labels))
             self._batches_done += 1
-            losses.append(loss)
             seen += len(labels)
+            if (self._batches_done % interval and self._batches_done < self.steps_per_epoch
+                    and not (self.world == 1 and self.stops.requested is not None)):
+                continue
             rate = seen * self.world / (time.perf_counter() - t0)
-            progress.update(loss, lr, rate)
-            if progress.plain and self._batches_done % a.log_interval == 0:
-                self.log.info(f"epoch: {epoch_index + 1} step: {self._batches_done}/"
-                              f"{self.steps_per_epoch}, loss {loss:.4f}, lr {lr:.6f}, "
-                              f"{rate:.1f} img/s")
-            if stop:
+            status = self._read_steps(pending, epoch_index, losses, progress, rate)
+            pending = []
+            if status is not None:
                 progress.close()
-                return self._stop_for_signal(epoch_index)
+                return status
         progress.close()
         status = self._end_epoch(epoch_index, start, losses, time.perf_counter() - t0, seen)
         self.start_batch = 0
@@ -325,6 +333,32 @@ class Run:
         if status is None and self.stops.requested is not None and self.world == 1:
             return self._stop_for_signal(epoch_index)
         return status
+
+    def _read_steps(self, pending, epoch_index, losses, progress, rate):
+        """Read the results of the steps taken since the last read (``pending``,
+        the last of which ended at ``self._batches_done``), log them, and act
+        on them: the exit status if the run must stop, else None. A non-finite
+        step comes first: the run stops there, saving nothing (its steps after
+        it are in memory only). Then a stop signal: the state after the last
+        step is saved."""
+        a, first = self.args, self._batches_done - len(pending) + 1
+        values = host_values(pending)
+        for i, (loss, nonfinite, _, _) in enumerate(values):
+            if nonfinite:
+                self.log.error(f"epoch: {epoch_index + 1} step: {first + i}, loss is {loss}: a "
+                               f"loss or gradient is not finite (on some rank); the step was not "
+                               f"applied; stopping. {self.newest_good_checkpoint()}")
+                return 1
+        for i, (loss, _, _, lr) in enumerate(values):
+            losses.append(loss)
+            progress.update(loss, lr, rate)
+            if progress.plain and (first + i) % a.log_interval == 0:
+                self.log.info(f"epoch: {epoch_index + 1} step: {first + i}/"
+                              f"{self.steps_per_epoch}, loss {loss:.4f}, lr {lr:.6f}, "
+                              f"{rate:.1f} img/s")
+        if any(stop for _, _, stop, _ in values):
+            return self._stop_for_signal(epoch_index)
+        return None
 
     def _stop_for_signal(self, epoch_index):
         code = self.stops.exit_code or 130  # a signal on another rank: report it as SIGINT
@@ -367,6 +401,15 @@ class Run:
                 self.log.error(f"{e}: stopping. {self.newest_good_checkpoint()}")
                 return 1
         return None
+
+
+def host_values(pending):
+    """[(loss, nonfinite, stop, lr)] as host numbers, for the steps' results
+    ``pending``: the one place where the training loop waits for the device."""
+    def number(v):
+        return float(v) if isinstance(v, (bool, int, float)) else float(backend.to_numpy(v))
+    return [(number(loss), number(nonfinite) > 0, number(stop) > 0, lr)
+            for loss, nonfinite, stop, lr in pending]
 
 
 class _Progress:

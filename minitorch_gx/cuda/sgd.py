@@ -9,14 +9,16 @@ from .device import inplace as _inplace, write_back as _write_back
 _i32, _i64 = numpy.int32, numpy.int64
 
 
-def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta):
+def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta, skip=None):
     """One fused SGD step over flat buffers, in place on p and buf.
 
     p, g, buf: flat (n,) arrays of one dtype. group_end: int64 (G,), the end
     offset of each contiguous parameter group (the last is n); pass the small
     per-group tables as NumPy arrays, they are copied to the device. lrs, wds,
     momenta: (G,) each group's learning rate, weight decay, momentum (cast to
-    the parameters' dtype).
+    the parameters' dtype). skip: None, or a one-element array (any dtype, on
+    the device) that makes the launch change nothing when it is nonzero; the
+    kernel reads it, so skipping needs no read-back to the host.
     """
     dev, dtype = device_for(p), p.dtype
     n = p.size
@@ -33,9 +35,12 @@ def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta):
     lrs, wds, momenta = (dev.input(v, dtype) for v in (lrs, wds, momenta))
     pp, bb = _inplace(dev, p, dtype, "p"), _inplace(dev, buf, dtype, "buf")
     g = dev.input(g, dtype)
+    skip = dev.zeros(1, dtype) if skip is None else dev.input(skip, dtype)
+    if skip.size != 1:
+        raise ValueError(f"sgd: skip must hold one element, it has {skip.size}")
     threads = LAUNCH["SGD_THREADS"]
     dev.launch("sgd.cu", "sgd_momentum_update", (_blocks(n, threads, 4096),), (threads,),
-               [pp, g, bb, group_end, lrs, wds, momenta, _i32(groups), _i64(n)],
+               [pp, g, bb, group_end, lrs, wds, momenta, skip, _i32(groups), _i64(n)],
                defines=_defines(dtype, "SGD_THREADS"))
     _write_back(p, pp)
     _write_back(buf, bb)

@@ -20,7 +20,7 @@ reducer can carry a few named flags inside its gradient allreduce:
     reducer = GradientAllreducer(params, flags=("stop", "nonfinite"))
     ...
     loss.backward()
-    reducer.set_flags(stop=stop_requested, nonfinite=not math.isfinite(loss_value))
+    reducer.set_flags(stop=stop_requested, nonfinite=optimizer.nonfinite(loss))
     reducer.synchronize()
     if reducer.flags["nonfinite"] > 0: ...   # the same sums on every rank
     if reducer.flags["stop"] > 0: ...
@@ -36,6 +36,11 @@ decision at the same step; then the values this rank set go back to 0. Give
 small integers (a bool counts 1): they are summed in the gradients' dtype
 (exact up to 2048 in float16). No collective is added. With one rank the same
 calls work locally: ``flags`` is this rank's own values.
+
+On a GPU a value may be a 0-d device array (a check computed there) and is
+copied into the bucket on the device; ``flag_sum(name)`` gives a sum without
+reading it back, for a kernel to consume (the trainer's SGD step skips on the
+device when ``nonfinite`` is set). Reading ``flags`` waits for the device.
 """
 import contextlib
 
@@ -174,8 +179,9 @@ class GradientAllreducer:
 
     # -- flags -------------------------------------------------------------------
     def set_flags(self, **values):
-        """This rank's values of the named flags for this step (numbers; a bool
-        counts 1), sent with the gradients at the next ``synchronize()``."""
+        """This rank's values of the named flags for this step (numbers, a bool
+        counting 1, or 0-d arrays on the buckets' device), sent with the
+        gradients at the next ``synchronize()``."""
         for name, value in values.items():
             try:
                 i = self.flag_names.index(name)
@@ -184,7 +190,18 @@ class GradientAllreducer:
                 raise ValueError(f"unknown flag {name!r}: this reducer {carries}; name them "
                                  "all when making it: GradientAllreducer(params, "
                                  f"flags=({name!r}, ...))") from None
-            self._flag_values[i] = float(value)
+            self._flag_values[i] = value if hasattr(value, "shape") else float(value)
+
+    def flag_sum(self, name):
+        """The sum over the ranks of flag ``name`` at the latest ``synchronize()``,
+        as it is: a 0-d array on the buckets' device (a number with one rank, or
+        what this rank set), so a kernel can use it with no read-back."""
+        i = self.flag_names.index(name)
+        if self._flag_sums is None:
+            return 0.0
+        if isinstance(self._flag_sums, list):  # one rank: the values as they were set
+            return self._flag_sums[i]
+        return self._flag_sums[i, ...]  # a 0-d view, not a scalar read to the host
 
     @property
     def flags(self):
@@ -192,8 +209,8 @@ class GradientAllreducer:
         ``synchronize()``: the same on every rank (zeros before the first)."""
         if self._flags is None:
             sums = ([0.0] * len(self.flag_names) if self._flag_sums is None
-                    else backend.to_numpy(self._flag_sums).tolist())
-            self._flags = dict(zip(self.flag_names, map(float, sums)))
+                    else [float(backend.to_numpy(v)) for v in self._flag_sums])
+            self._flags = dict(zip(self.flag_names, sums))
         return self._flags
 
     @contextlib.contextmanager
@@ -226,10 +243,12 @@ class GradientAllreducer:
         """Start the packed buckets from ``self._next`` on, below index ``end``."""
         while self._next < end and self.buckets[self._next].packed:
             bucket = self.buckets[self._next]
-            if bucket.extra:
-                xp = backend.get_array_module(bucket.flat)
-                bucket.flat[bucket.size:] = xp.asarray(
-                    numpy.array(self._flag_values, dtype=bucket.flat.dtype))
+            for j, value in enumerate(self._flag_values if bucket.extra else ()):
+                slot = bucket.flat[bucket.size + j:bucket.size + j + 1]
+                if isinstance(value, float):
+                    slot.fill(value)   # a kernel argument: no host-to-device copy
+                else:
+                    slot[...] = value  # a device value, copied on the device
             bucket.step = self.step_count + 1
             self.ctx._transport.start(bucket)
             bucket.started = True

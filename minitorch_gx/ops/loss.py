@@ -11,6 +11,8 @@ The softmax cross-entropy has two implementations, picked by
 fused CUDA pass per row (``kernels/softmax_cross_entropy.cu``, launchers in
 ``minitorch_gx.cuda.loss``) that keeps only the log-sum-exp for backward.
 """
+import numpy
+
 from .. import backend
 from ..autograd import Function, Tensor
 from ..cuda import loss as cuda_loss
@@ -103,10 +105,14 @@ def cross_entropy(logits, labels, label_smoothing=0.0, reduction="mean"):
 
 
 def _labels(labels, n, k, xp):
-    """Labels as an integer array of xp, checked against N and K."""
+    """Labels as an integer array of xp, checked against N and K. Host labels
+    (NumPy, lists) are checked on the host before they move to the device,
+    which costs no synchronisation; checking device labels reads two numbers
+    back from the device."""
     if isinstance(labels, Tensor):
         labels = labels.data
-    labels = xp.asarray(labels)
+    if backend.get_array_module(labels) is numpy:
+        labels = numpy.asarray(labels)
     if labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be integers (class indices), got dtype {labels.dtype}")
     if labels.shape != (n,):
@@ -115,7 +121,7 @@ def _labels(labels, n, k, xp):
     if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels must lie in [0, {k - 1}] for {k} classes, got values from "
                          f"{int(labels.min())} to {int(labels.max())}")
-    return labels
+    return xp.asarray(labels)
 
 
 def topk_correct(logits, labels, k):

@@ -118,40 +118,53 @@ class SGD:
                     grad[...] = p.grad
                 p.grad = grad
 
-    def grads_finite(self):
-        """True when no gradient holds a NaN or an infinity: one reduction over
-        the flat gradient, so a caller can refuse a step before taking it."""
+    def nonfinite(self, loss=None):
+        """A 0-d boolean array on the parameters' device: true when ``loss`` or
+        any gradient holds a NaN or an infinity. One reduction over the flat
+        gradient, and nothing is read back to the host, so on a GPU the check
+        costs no synchronisation: hand it to ``step(skip=...)`` and read it
+        when convenient."""
         self._gather_grads()
         xp = backend.get_array_module(self.flat_grads)
-        return bool(xp.isfinite(self.flat_grads).all())
+        bad = ~xp.isfinite(self.flat_grads).all()
+        if loss is not None:
+            bad = bad | ~xp.isfinite(loss)
+        return bad
 
     def zero_grad(self):
         self.flat_grads.fill(0)
         for p, (_, grad, _) in zip(self._params, self._views):
             p.grad = grad
 
-    def step(self):
+    def step(self, skip=None):
+        """Update every parameter from its gradient. ``skip``: a 0-d array (such
+        as ``nonfinite()``'s); where it is nonzero the step changes nothing. The
+        kernel reads it on the device; the NumPy paths read it on the host."""
         self._gather_grads()
         backend.choose(self.flat_params, reference=self._step_reference, fast=self._step_fast,
-                       kernel=self._step_kernel)()
+                       kernel=self._step_kernel)(skip)
 
-    def _step_reference(self):
+    def _step_reference(self, skip=None):
+        if skip is not None and bool(skip):
+            return
         for group, (start, end) in zip(self.param_groups, self._slices):
             p, g, buf = (a[start:end] for a in (self.flat_params, self.flat_grads,
                                                 self.flat_momentum))
             sgd_update_reference(p, g, buf, group["lr"], group["momentum"], group["weight_decay"])
 
-    def _step_fast(self):
+    def _step_fast(self, skip=None):
+        if skip is not None and bool(skip):
+            return
         for group, (start, end) in zip(self.param_groups, self._slices):
             p, g, buf = (a[start:end] for a in (self.flat_params, self.flat_grads,
                                                 self.flat_momentum))
             _sgd_update_fast(p, g, buf, group["lr"], group["momentum"], group["weight_decay"],
                              self._scratch[start:end])
 
-    def _step_kernel(self):
-        # one launch of kernels/sgd.cu updates every group
+    def _step_kernel(self, skip=None):
+        # one launch of kernels/sgd.cu updates every group; it reads `skip` itself
         cuda_sgd.sgd_momentum_update(self.flat_params, self.flat_grads, self.flat_momentum,
-                                     *self._group_arrays())
+                                     *self._group_arrays(), skip=skip)
 
     def _group_arrays(self):
         """Per-group end offsets and scalars, as the fused CUDA kernel takes

@@ -76,6 +76,10 @@ def test_flags_on_one_rank_are_this_rank_s_values():
     reducer.synchronize()  # the values go back to 0 after each synchronize()
     assert reducer.flags == {"stop": 0.0, "nonfinite": 0.0}
     assert reducer.step_count == 2
+    reducer.set_flags(nonfinite=numpy.asarray(True))  # a device value, kept as it is
+    reducer.synchronize()
+    assert reducer.flag_sum("nonfinite").shape == () and reducer.flag_sum("nonfinite")
+    assert reducer.flags == {"stop": 0.0, "nonfinite": 1.0}
     with pytest.raises(ValueError, match="unknown flag 'halt'"):
         reducer.set_flags(halt=1)
     with pytest.raises(ValueError, match="carries no flags"):

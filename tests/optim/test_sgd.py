@@ -5,6 +5,8 @@
 2. The fast update == the reference update (``sgd_update_reference``).
 3. The fused CUDA kernel (emulated at two block sizes, and CuPy) == the
    reference, over several steps; its grid-stride loop; the step wired to it.
+4. The non-finite guard: ``nonfinite()`` and ``step(skip=...)``, the skip
+   read by the kernel itself.
 """
 import numpy
 import pytest
@@ -231,8 +233,71 @@ def test_sgd_grid_stride_loop_covers_every_element():
     dev = emulator.device()
     args = [dev.input(a, a.dtype) for a in (p, g, buf, ends, lrs, wds, moms)]
     emulator.build("sgd.cu", dict(cuda_device.builds())["sgd.cu"]).launch(
-        "sgd_momentum_update", 3, 64, args + [numpy.int32(2), numpy.int64(p.size)])
+        "sgd_momentum_update", 3, 64,
+        args + [dev.zeros(1, numpy.float32), numpy.int32(2), numpy.int64(p.size)])
     for (lr, wd, mom), a, b in zip(hyper, (0, 700), (700, 1000)):
         sgd_update_reference(p[a:b], g[a:b], buf[a:b], lr, mom, wd)
     assert_close(args[0], p, 1e-6, 1e-7, "parameters")
     assert_close(args[2], buf, 1e-6, 1e-7, "momentum")
+
+
+# ==========================================================================
+# 4. The non-finite guard
+# ==========================================================================
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_nonfinite_sees_a_nan_gradient_or_an_infinite_loss(impl):
+    with run_on(impl) as dev:
+        ps = make_params(numpy.random.default_rng(0), dev=dev)
+        opt = SGD(ps, lr=0.1, momentum=0.9)
+        for p in ps:
+            p.grad[...] = 1.0
+        assert not bool(host(opt.nonfinite()))
+        assert not bool(host(opt.nonfinite(dev(numpy.array(2.5)))))
+        assert bool(host(opt.nonfinite(dev(numpy.array(numpy.inf)))))
+        ps[2].grad[1, 0, 2] = numpy.nan
+        assert bool(host(opt.nonfinite(dev(numpy.array(2.5)))))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_skipped_step_changes_nothing_and_a_clear_flag_changes_nothing_else(impl):
+    def train(skips):
+        rng = numpy.random.default_rng(3)
+        with run_on(impl) as dev:
+            ps = make_params(rng, dev=dev)
+            opt = SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3)
+            history = []
+            for skip in skips:
+                for p in ps:
+                    p.grad[...] = dev(rng.standard_normal(p.shape))
+                before = [host(p.data).copy() for p in ps], host(opt.flat_momentum).copy()
+                opt.step(skip=None if skip is None else dev(numpy.array(skip)))
+                history.append((before, ([host(p.data).copy() for p in ps],
+                                         host(opt.flat_momentum).copy())))
+            return history
+    plain, flagged = train([None, None, None]), train([False, True, 0.0])
+    for a, b in zip(plain[0][1][0], flagged[0][1][0]):
+        assert numpy.array_equal(a, b)  # a clear flag: the same update as no flag
+    for a, b in zip(flagged[2][0][0], flagged[2][1][0]):
+        assert not numpy.array_equal(a, b)  # a clear flag (0.0) after a skip: updated again
+    (params_before, momentum_before), (params_after, momentum_after) = flagged[1]
+    for a, b in zip(params_before, params_after):
+        assert numpy.array_equal(a, b)  # the skipped step changed nothing
+    assert numpy.array_equal(momentum_before, momentum_after)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_the_kernel_reads_the_skip_flag_on_the_device(impl):
+    rng, p, buf, ends, hyper = _sgd_setup((300, 301), random_buf=True)
+    lrs, wds, moms = (numpy.array([h[i] for h in hyper], numpy.float32) for i in range(3))
+    g = rng.standard_normal(p.size).astype(numpy.float32)
+    with run_on(impl) as dev:
+        for flag, changes in [(numpy.float32(1), False), (numpy.bool_(True), False),
+                              (numpy.float32(0), True)]:
+            p_dev, buf_dev = dev(p), dev(buf)
+            cuda_sgd.sgd_momentum_update(p_dev, dev(g), buf_dev, ends, lrs, wds, moms,
+                                         skip=dev(numpy.array([flag])))
+            assert numpy.array_equal(host(p_dev), p) != changes, flag
+            assert numpy.array_equal(host(buf_dev), buf) != changes, flag
+        with pytest.raises(ValueError, match="one element"):
+            cuda_sgd.sgd_momentum_update(dev(p), dev(g), dev(buf), ends, lrs, wds, moms,
+                                         skip=dev(numpy.zeros(2, numpy.float32)))

@@ -66,14 +66,14 @@ def test_a_signal_inside_a_step_resumes_bit_identically(where, data, tmp_path, m
         return loss
 
     if where == "after-backward":
-        real_check = trainer.SGD.grads_finite  # runs right after backward
+        real_check = trainer.SGD.nonfinite  # runs right after backward
 
-        def signal_after_backward(self):
+        def signal_after_backward(self, loss=None):
             calls.append(1)
             if len(calls) == 10:
                 kill_self(signal.SIGTERM)
-            return real_check(self)
-        monkeypatch.setattr(trainer.SGD, "grads_finite", signal_after_backward)
+            return real_check(self, loss)
+        monkeypatch.setattr(trainer.SGD, "nonfinite", signal_after_backward)
     else:
         monkeypatch.setattr(trainer, "cross_entropy", loss_then_signal)
     code = trainer.main(common(data) + ["--output_path", str(tmp_path / "b")])
@@ -234,6 +234,63 @@ def test_a_non_finite_running_variance_is_never_saved(data, tmp_path, monkeypatc
     assert "hold NaN or infinity (first: model/bn1.running_var)" in log
     assert "the newest good checkpoint is" in log and "0-1_7.ckpt" in log
     all_checkpoints_finite(run)
+
+
+# ---------------------------------------------------------------------------
+# On a GPU the host reads the steps' results every --log_interval steps, not
+# after each (a read waits for the device). Run here on the CPU with the GPU's
+# interval, the same decisions must come out.
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def reads_every_4_steps(monkeypatch):
+    """The trainer reads its device values every 4 steps; yields the number
+    of steps each read covered."""
+    reads, real = [], trainer.host_values
+
+    def counted(pending):
+        reads.append(len(pending))
+        return real(pending)
+    monkeypatch.setattr(trainer.Run, "read_interval", lambda self: 4)
+    monkeypatch.setattr(trainer, "host_values", counted)
+    return reads
+
+
+def test_reading_every_4_steps_trains_the_same_run(data, tmp_path, reads_every_4_steps,
+                                                   straight):
+    assert trainer.main(common(data) + ["--output_path", str(tmp_path / "b")]) == 0
+    # 7 steps an epoch: read after steps 4 and 7, never after each step
+    assert reads_every_4_steps == [4, 3, 4, 3]
+    assert_same_run(straight, final_weights(only_run(tmp_path / "b")))
+
+
+def test_reading_every_4_steps_stops_at_the_same_non_finite_step(data, tmp_path, monkeypatch):
+    args = ["--data_path", str(data / "train"), "--max_epoch", "3", "--ckpt_interval", "1"] + \
+        TINY[:-2] + ["--lr", "1e30"]
+    assert trainer.main(args + ["--output_path", str(tmp_path / "a")]) == 1
+    first_bad = re.search(r"ERROR:epoch: \d step: \d+", log_of(only_run(tmp_path / "a"))).group(0)
+    monkeypatch.setattr(trainer.Run, "read_interval", lambda self: 4)
+    assert trainer.main(args + ["--output_path", str(tmp_path / "b")]) == 1
+    run = only_run(tmp_path / "b")
+    assert re.search(r"ERROR:epoch: \d step: \d+", log_of(run)).group(0) == first_bad
+    all_checkpoints_finite(run)
+
+
+def test_one_process_stops_at_once_on_a_signal_between_reads(data, tmp_path, monkeypatch,
+                                                             reads_every_4_steps, straight):
+    real_loss, calls = trainer.cross_entropy, []
+
+    def loss_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:  # the 3rd step of epoch 2: not a step the reads fall on
+            kill_self()
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(trainer, "cross_entropy", loss_then_signal)
+    assert trainer.main(common(data) + ["--output_path", str(tmp_path / "b")]) == 130
+    monkeypatch.undo()
+    assert reads_every_4_steps == [4, 3, 3]  # epoch 2: read at once after its step 3
+    names = os.listdir(os.path.join(only_run(tmp_path / "b"), "ckpt_0"))
+    assert "0-2_3.ckpt" in names
+    resume_and_compare(data, tmp_path, tmp_path / "b", straight)
 
 
 # ---------------------------------------------------------------------------

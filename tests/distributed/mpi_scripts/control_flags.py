@@ -37,7 +37,8 @@ def main():
     for step in range(1, 8):
         for p in params:
             p.grad = None
-        flags = {"nonfinite": rank == 1 and step == 3, "count": 1}
+        # nonfinite as a 0-d array, as the trainer computes it on the device
+        flags = {"nonfinite": numpy.asarray(rank == 1 and step == 3), "count": 1}
         if step % 2:
             reducer.set_flags(**flags)   # before backward
         backward(params, coefficients(rank, step))
@@ -50,6 +51,9 @@ def main():
         check_close(params, expected_mean(world, step), f"step {step}")
         assert reducer.flags == {"stop": 0.0, "nonfinite": float(step == 3), "count": world}, \
             (step, reducer.flags)
+        summed = reducer.flag_sum("nonfinite")  # not read back: a 0-d array for a kernel
+        assert isinstance(summed, numpy.ndarray) and summed.shape == () and \
+            float(summed) == float(step == 3), summed
         if reducer.flags["nonfinite"] > 0:
             stopped = step
             break
