@@ -113,9 +113,16 @@ def main_guard(fn):
     """Run ``fn()``; a UserError (or a data/checkpoint error, or a weights file
     the converter refuses) becomes one line on stderr and exit status 1 instead
     of a traceback. Under mpirun the line is prefixed with the rank and the
-    whole job is ended."""
+    whole job is ended. Ctrl-C where the trainer does not handle it itself
+    (while setting up, in eval.py) is one line and exit status 130."""
     try:
         return fn()
+    except KeyboardInterrupt:
+        rank = _launcher_rank()
+        prefix = "" if rank is None else f"rank {rank}: "
+        print(f"{prefix}interrupted (Ctrl-C); the checkpoints already written are intact",
+              file=sys.stderr)
+        sys.exit(130)
     except (UserError, CheckpointError, ConvertError, DataError) as e:
         if distributed.get_context().world_size > 1:
             distributed.fatal(f"error: {e}")

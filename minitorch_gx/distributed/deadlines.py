@@ -36,11 +36,22 @@ place behind it, for that abort to end it first, and then reports itself (in
 case the first one is stuck elsewhere).
 
 ``timeout=None`` means no deadline: plain MPI waits. The collectives ``init``
-itself needs (splitting the communicator, the window, the NCCL id) block
-without a deadline; NCCL buckets are never waited for by the host, so they have
-no deadline here either (a hung NCCL shows at the next synchronisation).
+itself needs (joining the job, splitting the communicator, the window, the
+NCCL id) are blocking MPI calls that cannot be polled; ``setup_deadline``
+gives them one all the same, from a watchdog process that ends this one
+with one line if setup has not finished in time (mpirun then ends the others):
+
+    rank 0: joining the MPI job timed out after 600 s: a process of the job did not
+    start, or stopped answering, before training began
+
+NCCL buckets are never waited for by the host, so they have no deadline
+here (a hung NCCL shows at the next synchronisation, which waits forever).
 """
 import atexit
+import contextlib
+import os
+import subprocess
+import sys
 import time
 
 import numpy
@@ -53,6 +64,57 @@ STALE_S = 1.0          # a rank polling a collective stamps the time more often 
 TIMEOUT_EXIT_CODE = 124  # the job's exit status, as for GNU timeout
 _SPIN_S = 0.05         # Test without sleeping for this long first, as MPI's Wait would
 _MAX_PAUSE_S = 1e-3    # then sleep between Tests, up to this long
+
+
+@contextlib.contextmanager
+def setup_deadline(timeout, what="joining the MPI job"):
+    """Blocking setup collectives with a deadline: if the block has not ended
+    ``timeout`` seconds after it began, one line is printed and this process
+    is ended (SIGTERM, then SIGKILL; mpirun then ends the others). No thread
+    of this process can do that: MPI_Init, run by the import of mpi4py, blocks
+    holding the GIL. So a small watchdog process does it, waiting on a pipe
+    that this block closes when it ends (and the kernel closes should this
+    process die). The rank comes from mpirun's environment, as MPI is not set
+    up yet. Only under a launcher with several processes; ``timeout=None``:
+    no deadline."""
+    size = max(int(os.environ.get(v, "1") or 1) for v in _LAUNCHER_SIZE_VARS)
+    if timeout is None or size < 2:
+        yield
+        return
+    rank = next((os.environ[v] for v in _LAUNCHER_RANK_VARS if v in os.environ), "?")
+    line = (f"rank {rank}: {what} timed out after {timeout:g} s: a process of the job did not "
+            f"start, or stopped answering, before training began")
+    read_end, write_end = os.pipe()
+    try:
+        # its own session, so that a Ctrl-C to the job never reaches it
+        subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(read_end),
+                          str(os.getpid()), str(timeout), line], pass_fds=(read_end,),
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        os.close(read_end)
+    try:
+        yield
+    finally:
+        os.close(write_end)
+
+
+# The watchdog: wait until the pipe closes (setup done, or the process gone),
+# or the deadline passes.
+_WATCHDOG = """
+import os, select, signal, sys, time
+fd, pid, timeout, line = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+if not select.select([fd], [], [], timeout)[0]:
+    sys.stderr.write(line + "\\n")
+    sys.stderr.flush()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(2)
+"""
+_LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def check_timeout(timeout):

@@ -17,7 +17,7 @@ import numpy
 
 from .. import backend
 from . import current, transports
-from .deadlines import Watch, check_timeout
+from .deadlines import Watch, check_timeout, setup_deadline
 from .transports import FlatBuffer, NoTransport
 
 # Environment variables that MPI launchers set in every process they start:
@@ -123,12 +123,20 @@ def init(device="cpu", transport=None, timeout=600.0):
     timeout: seconds any later collective may take (gradient buckets,
         broadcasts, reductions, barrier) before the job is ended with a line
         naming the rank that did not answer; None: no deadline. Kept as
-        ``ctx.timeout``, which may be changed later.
+        ``ctx.timeout``, which may be changed later. Setting up (joining the
+        job, the communicators, the transport) has the same deadline, and a
+        line that cannot name the rank (deadlines.setup_deadline).
     Returns the Context, also kept as the default of every function here.
     """
     device = backend.normalize_device(device)
     timeout = check_timeout(timeout)
-    transport = transport or os.environ.get("MINITORCH_GX_TRANSPORT") or None
+    with setup_deadline(timeout):
+        return _init(device, transport or os.environ.get("MINITORCH_GX_TRANSPORT") or None,
+                     timeout)
+
+
+def _init(device, transport, timeout):
+    """``init``'s work: every step here blocks until all ranks take part."""
     MPI = _import_mpi()
     if MPI is None:
         ctx = Context(device=device, gpu_id=_select_gpu(device, 0), timeout=timeout)

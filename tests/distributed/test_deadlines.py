@@ -73,6 +73,21 @@ def test_a_late_rank_ends_the_job_with_one_line_naming_it(tmp_path, n, mode, lat
 
 
 @needs_mpirun
+def test_a_rank_that_never_joins_ends_the_setup_with_one_line(tmp_path):
+    """Rank 1 sleeps before it joins the job: rank 0's setup collectives
+    (blocking MPI calls) have the same deadline, from a watchdog thread."""
+    proc, ended = run_late_rank(tmp_path, 2, "setup", 1, "init")
+    assert proc.returncode != 0, report(proc)
+    lines = [line for line in proc.stderr.splitlines() if "timed out" in line]
+    assert lines == [f"rank 0: joining the MPI job timed out after {TIMEOUT_S} s: a process of "
+                     "the job did not start, or stopped answering, before training began"], \
+        report(proc)
+    assert "should not happen" not in proc.stdout, report(proc)
+    entered = [float(t) for t in re.findall(r"entering at (\d+\.\d+)", proc.stdout)]
+    assert len(entered) == 1 and TIMEOUT_S <= ended - entered[0] < TIMEOUT_S + 4, report(proc)
+
+
+@needs_mpirun
 def test_a_rank_frozen_inside_a_collective_is_named(tmp_path):
     """Rank 1 enters a large allreduce and is stopped there (SIGSTOP from a
     timer); rank 0 enters a second later. Both have entered collective 8:

@@ -403,6 +403,19 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path):
         f"not a folder"], r.stderr
 
 
+def test_ctrl_c_while_setting_up_is_one_line_and_exit_130(data, tmp_path, monkeypatch, capsys):
+    from resnext.runtime import main_guard
+
+    def interrupted(self):
+        raise KeyboardInterrupt  # as Ctrl-C while the model is being built
+    monkeypatch.setattr(trainer.Run, "_make_model", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main_guard(lambda: trainer.main(common(data) + ["--output_path", str(tmp_path / "o")]))
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted (Ctrl-C); the checkpoints already written are intact"]
+
+
 def test_a_text_file_as_weights_says_what_weights_should_be(data, tmp_path):
     (tmp_path / "weights.npz").write_text("not weights")
     r = subprocess.run([sys.executable, "train.py", "--device_target", "CPU", "--output_path",

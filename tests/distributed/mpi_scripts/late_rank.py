@@ -1,12 +1,14 @@
 """Run under mpirun: one rank stops answering; the others' deadline must end the job.
 
-    mpirun -n 3 python late_rank.py stop|sleep|stop-inside LATE COLLECTIVE TIMEOUT PIDFILE
+    mpirun -n 3 python late_rank.py stop|sleep|stop-inside|setup LATE COLLECTIVE TIMEOUT PIDFILE
 
 Every rank trains two steps with a GradientAllreducer (so that the counts of
 collectives entered are not trivial), then rank LATE freezes (``stop``:
 SIGSTOP to itself) or never comes (``sleep``: sleeps a minute), while the
 others enter COLLECTIVE; with ``stop-inside`` LATE enters it first and a timer
-stops it there 0.3 s later, while the others enter 1 s late (allreduce_sum
+stops it there 0.3 s later, while the others enter 1 s late; with ``setup``
+LATE sleeps before it joins the job, while the others set up (COLLECTIVE
+"init") (allreduce_sum
 then sums 16 MB, which cannot complete without LATE). COLLECTIVE: bucket, barrier, broadcast_object, allreduce_sum or
 broadcast_parameters. With a deadline of TIMEOUT seconds the job must end with
 one line "rank R: <collective> timed out ...: rank LATE did not answer ...".
@@ -42,7 +44,19 @@ def step(params, reducer, rank):
     reducer.synchronize()
 
 
+def late_to_join():
+    rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "-1")))
+    if rank == LATE:
+        Path(PIDFILE).write_text(str(os.getpid()))
+        time.sleep(60)
+    print(f"rank {rank}: entering at {time.time():.3f}", flush=True)
+    distributed.init("cpu", timeout=TIMEOUT)
+    print(f"rank {rank}: passed the setup (should not happen)", flush=True)
+
+
 def main():
+    if MODE == "setup":
+        return late_to_join()
     ctx = distributed.init("cpu", timeout=TIMEOUT)
     distributed.install_failure_handler(ctx)
     rank = ctx.rank
