@@ -24,5 +24,7 @@ setup(
         "test": ["pytest>=7"],
         # NVRTC alone (no GPU needed) so that CI compiles every kernel for sm_80/sm_90
         "cuda-ci": ["nvidia-cuda-nvrtc"],
+        # train.py --tensorboard: an event-file writer that needs no torch or TensorFlow
+        "tensorboard": ["tensorboardX>=2.6"],
     },
 )

@@ -20,7 +20,7 @@ import numpy
 
 import minitorch_gx as mt
 from minitorch_gx import backend
-from minitorch_gx.functional import topk_correct
+from minitorch_gx.functional import cross_entropy, topk_correct
 
 from . import checkpoint as ckpt
 from .config import DEFAULT_OUTPUT, eval_parser, validate_eval_args
@@ -88,18 +88,21 @@ def load_scorable(path, args, num_classes):
     return model_for(path, state, meta, args, num_classes), meta
 
 
-Scores = collections.namedtuple("Scores", "top1 top5 total rate nonfinite")
+Scores = collections.namedtuple("Scores", "top1 top5 total rate nonfinite loss")
 Scores.__doc__ = """Summed over all ranks: top-1 and top-5 correct, images scored,
-images per second, and rows whose logits were not all finite (scored wrong)."""
+images per second, rows whose logits were not all finite (scored wrong), and
+the mean cross-entropy over the images scored (no label smoothing; NaN when a
+row is not finite)."""
 
 
 def evaluate(model, loader, xp, group):
-    """Return ``Scores(top1, top5, total, rate, nonfinite)`` summed over all ranks.
+    """Return ``Scores(top1, top5, total, rate, nonfinite, loss)`` over all ranks.
 
     A row with a NaN or infinite logit is scored wrong (``topk_correct``) and
     counted in ``nonfinite``; rows of unreadable images are not scored."""
     model.eval()
     top1 = top5 = total = nonfinite = 0
+    loss_sum = 0.0
     start = time.perf_counter()
     # overflow to inf / NaN is reported as the count of non-finite rows, not as warnings
     with mt.no_grad(), numpy.errstate(over="ignore", invalid="ignore"):
@@ -115,11 +118,13 @@ def evaluate(model, loader, xp, group):
             top1 += topk_correct(logits, labels, 1)
             top5 += topk_correct(logits, labels, min(5, logits.shape[1]))
             nonfinite += int((~xp.isfinite(logits.data).all(axis=1)).sum())
+            loss_sum += float(cross_entropy(logits, labels, reduction="sum").data)
             total += len(labels)
     seconds = time.perf_counter() - start
     counts = group.allreduce_sum(numpy.array([top1, top5, total, nonfinite], dtype=numpy.int64))
     rate = group.allreduce_sum(total / max(seconds, 1e-9))
-    return Scores(int(counts[0]), int(counts[1]), int(counts[2]), rate, int(counts[3]))
+    loss = group.allreduce_sum(loss_sum) / max(int(counts[2]), 1)
+    return Scores(int(counts[0]), int(counts[1]), int(counts[2]), rate, int(counts[3]), loss)
 
 
 def main(argv=None):
@@ -169,6 +174,7 @@ def main(argv=None):
         log.info(f"Inference Performance: {scores.rate:.2f} img/sec")
         log.info(f"top1_correct={top1}, tot={total}, acc={100.0 * top1 / total:.2f}%(TOP1)")
         log.info(f"top5_correct={top5}, tot={total}, acc={100.0 * top5 / total:.2f}%(TOP5)")
+        log.info(f"loss={scores.loss:.4f} (cross-entropy, mean over {total} images)")
         if scores.nonfinite:
             log.warning(f"{scores.nonfinite} of {total} rows had non-finite logits and were "
                         f"scored wrong")

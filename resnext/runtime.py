@@ -63,7 +63,9 @@ def make_run_folder(output_path, when=None):
 
 def setup_logger(folder, rank, console=True):
     """Log to ``<folder>/<timestamp>_rank_<N>.log`` (and to the console on
-    rank 0) with the original's format."""
+    rank 0) with the original's format. A record logged with
+    ``extra={"console": False}`` goes to the file only (the step lines, when a
+    progress bar shows the same on the terminal)."""
     logger = logging.getLogger(f"resnext.rank{rank}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -79,6 +81,7 @@ def setup_logger(folder, rank, console=True):
     if console and rank == 0:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(lambda record: getattr(record, "console", True))
         logger.addHandler(handler)
     return logger
 

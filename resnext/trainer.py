@@ -29,6 +29,7 @@ from . import checkpoint as ckpt
 from .config import RESUMED_SETTINGS, explicit_flags, fill_defaults, train_parser
 from .config import validate_train_args
 from .dataset import ImageFolder
+from .evaluate import evaluate
 from .demo_data import ensure_demo_dataset
 from .loader import Loader
 from .model import build_model
@@ -38,6 +39,7 @@ from .transforms import normalize
 
 SYNTHETIC_CLASSES = 1000
 SYNTHETIC_STEPS = 50
+BEST_NAME = "best.ckpt"  # beside the rotating checkpoints in ckpt_0/
 
 
 def param_groups(model, weight_decay):
@@ -81,6 +83,7 @@ class Run:
             self._take_settings_from_checkpoint(args, set(explicit))
         self.args = args = fill_defaults(args)
         validate_train_args(args)
+        tensorboard_writer_class() if args.tensorboard else None  # a missing extra: one line now
         self.device = choose_device(args.device_target)
         self.group = process_group(args.run_distribute, self.device, args.dist_timeout)
         self.rank, self.world = self.group.rank, self.group.world_size
@@ -107,11 +110,15 @@ class Run:
         if conflicts:
             raise UserError(f"--resume {args.resume}: flags contradict the run being resumed: "
                             + "; ".join(conflicts) + ". Leave them out to resume as it was")
-        if "data_path" not in explicit:
-            args.data_path = saved.get("data_path", args.data_path)
+        for key in ("data_path", "val_data_path", "eval_interval"):  # where, not what
+            if key not in explicit:
+                setattr(args, key, saved.get(key, getattr(args, key)))
 
     def _make_data(self):
         a = self.args
+        self.val_dataset = None
+        if a.synthetic and a.val_data_path is not None:
+            raise UserError("--val_data_path needs real training data, not --synthetic")
         if a.synthetic:
             steps = a.steps_per_epoch or SYNTHETIC_STEPS
             self.loader = SyntheticBatches(a.per_batch_size, a.image_size, steps, self.xp, a.seed)
@@ -129,6 +136,12 @@ class Run:
         if len(self.loader) == 0:
             raise UserError(f"{root}: {len(dataset.samples)} images are too few for one batch of "
                             f"{a.per_batch_size} per process on {self.world} process(es)")
+        if a.val_data_path is not None:
+            self.val_dataset = ImageFolder(a.val_data_path)
+            if self.val_dataset.classes != dataset.classes:
+                raise UserError(f"--val_data_path {a.val_data_path}: its classes are not the "
+                                f"training data's ({len(self.val_dataset.classes)} against "
+                                f"{len(dataset.classes)} in {root}, or named differently)")
 
     def _make_model(self):
         a = self.args
@@ -158,6 +171,7 @@ class Run:
         self._batches_done = 0
         self._last_saved = None  # (epoch_index, batches_done) of the last save
         self._unreadable_logged = 0
+        self.best = None  # {"top1", "top5", "loss", "epoch"}: the best validation so far
         if self.resumed:
             self._resume(self.resume_path, *self.resumed)
 
@@ -172,6 +186,7 @@ class Run:
         self.optimizer.load_state_dict(optim_state)
         self.scheduler.load_state_dict(meta["scheduler"])
         self.start_epoch, self.start_batch = meta["epoch_index"], meta["batches_done"]
+        self.best = meta.get("best")
         if self.start_batch >= self.steps_per_epoch:
             self.start_epoch, self.start_batch = self.start_epoch + 1, 0
 
@@ -196,6 +211,9 @@ class Run:
             os.makedirs(self.ckpt_dir, exist_ok=True)
         self.group.barrier()
         self.log = setup_logger(self.run_dir, self.rank)
+        self.tensorboard = None
+        if a.tensorboard and self.rank == 0:
+            self.tensorboard = tensorboard_writer_class()(os.path.join(self.run_dir, "tensorboard"))
         self.log.info(f"device {self.device}, {self.world} process(es), arch {a.arch}, "
                       f"{self.num_classes} classes, batch {a.per_batch_size} per process, "
                       f"image {a.image_size}, {self.steps_per_epoch} steps per epoch"
@@ -210,28 +228,31 @@ class Run:
                           f"{self.optimizer.param_groups[0]['lr']:.6g}")
 
     # -- saving ----------------------------------------------------------------
-    def save(self, epoch_index, batches_done):
-        """Rank 0 writes ``{rank}-{epoch}_{step}.ckpt`` (epoch 1-based). Raises
+    def save(self, epoch_index, batches_done, best=False):
+        """Rank 0 writes ``{rank}-{epoch}_{step}.ckpt`` (epoch 1-based), or with
+        ``best`` ``best.ckpt``, which the rotation never deletes. Raises
         NonFiniteError on every rank, writing nothing, when an array is not
         finite (rank 0 decides; every rank calls this at the same point, so the
         whole job stops together instead of the others waiting on rank 0)."""
-        refused = self._write_checkpoint(epoch_index, batches_done) if self.rank == 0 else None
+        refused = (self._write_checkpoint(epoch_index, batches_done, best) if self.rank == 0
+                   else None)
         if self.world > 1 and self.group.allreduce_sum(int(refused is not None)):
             raise refused or ckpt.NonFiniteError("rank 0 refused to write a checkpoint holding "
                                                  "NaN or infinity")
         if refused is not None:
             raise refused
 
-    def _write_checkpoint(self, epoch_index, batches_done):
+    def _write_checkpoint(self, epoch_index, batches_done, best=False):
         """Write the checkpoint; return the NonFiniteError that refused it, or None."""
         meta = {"epoch_index": epoch_index, "batches_done": batches_done,
                 "global_step": self.scheduler.last_step + 1, "scheduler": self.scheduler.state_dict(),
                 "arch": self.args.arch, "num_classes": self.num_classes,
-                "image_size": self.args.image_size, "demo": self.args.demo,
+                "image_size": self.args.image_size, "demo": self.args.demo, "best": self.best,
                 "settings": {k: v for k, v in vars(self.args).items()
                              if isinstance(v, (int, float, str, bool, type(None)))}}
-        path = os.path.join(self.ckpt_dir, ckpt.checkpoint_name(self.rank, epoch_index + 1,
-                                                                batches_done))
+        name = BEST_NAME if best else ckpt.checkpoint_name(self.rank, epoch_index + 1,
+                                                             batches_done)
+        path = os.path.join(self.ckpt_dir, name)
         try:
             ckpt.save_checkpoint(path, self.model, self.optimizer, meta)
         except ckpt.NonFiniteError as e:
@@ -239,7 +260,11 @@ class Run:
         except OSError as e:  # a full disk: the earlier checkpoints stay intact
             raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; the earlier "
                             f"checkpoints in {self.ckpt_dir} are intact") from None
-        ckpt.prune_checkpoints(self.ckpt_dir, self.args.ckpt_save_max)
+        if best:
+            self.log.info(f"saved {path}: the best validation top-1 so far, "
+                          f"{100 * self.best['top1']:.2f}%")
+            return None
+        ckpt.prune_checkpoints(self.ckpt_dir, self.args.ckpt_save_max)  # best.ckpt never
         self._last_saved = (epoch_index, batches_done)
         self.log.info(f"saved checkpoint {path}")
         return None
@@ -290,11 +315,17 @@ class Run:
         return 1 if self.device == "cpu" else self.args.log_interval
 
     def fit(self):
-        with StopSignals() as self.stops:
-            return self._fit()
+        try:
+            with StopSignals() as self.stops:
+                return self._fit()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def _fit(self):
         a = self.args
+        self._clock = RunClock(self.steps_per_epoch, a.max_epoch, self.start_epoch,
+                               self.start_batch)
         for epoch_index in range(self.start_epoch, a.max_epoch):
             status = self._epoch(epoch_index)
             if status is not None:
@@ -307,26 +338,30 @@ class Run:
         a, start = self.args, self.start_batch if epoch_index == self.start_epoch else 0
         self.loader.set_epoch(epoch_index, start_batch=start)
         self._batches_done = start
-        progress = _Progress(self.steps_per_epoch - start, epoch_index, a.max_epoch, self.rank)
-        losses, pending, t0, seen = [], [], time.perf_counter(), 0
-        interval = self.read_interval()
-        for images, labels in self.loader:
-            if self._batches_done >= self.steps_per_epoch:
+        progress = _Progress(self.steps_per_epoch, start, epoch_index, a.max_epoch, self.rank)
+        epoch = EpochTally(time.perf_counter())
+        pending, interval = [], self.read_interval()
+        batches = iter(self.loader)
+        while self._batches_done < self.steps_per_epoch:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            epoch.data_s += time.perf_counter() - waited
+            if batch is None:
                 break
+            images, labels = batch
             pending.append(self.step(images, labels))
             self._batches_done += 1
-            seen += len(labels)
+            epoch.images += len(labels)
             if (self._batches_done % interval and self._batches_done < self.steps_per_epoch
                     and not (self.world == 1 and self.stops.requested is not None)):
                 continue
-            rate = seen * self.world / (time.perf_counter() - t0)
-            status = self._read_steps(pending, epoch_index, losses, progress, rate)
+            status = self._read_steps(pending, epoch_index, epoch, progress)
             pending = []
             if status is not None:
                 progress.close()
                 return status
         progress.close()
-        status = self._end_epoch(epoch_index, start, losses, time.perf_counter() - t0, seen)
+        status = self._end_epoch(epoch_index, start, epoch)
         self.start_batch = 0
         # One process can stop at once on a signal that came after the last
         # step; ranks stop together at the next step, where the flag travels.
@@ -334,13 +369,15 @@ class Run:
             return self._stop_for_signal(epoch_index)
         return status
 
-    def _read_steps(self, pending, epoch_index, losses, progress, rate):
+    def _read_steps(self, pending, epoch_index, epoch, progress):
         """Read the results of the steps taken since the last read (``pending``,
         the last of which ended at ``self._batches_done``), log them, and act
         on them: the exit status if the run must stop, else None. A non-finite
         step comes first: the run stops there, saving nothing (its steps after
         it are in memory only). Then a stop signal: the state after the last
-        step is saved."""
+        step is saved. Step lines: every --log_interval steps and at the last
+        step of every epoch; the loss they show is this rank's, with its mean
+        over the epoch so far."""
         a, first = self.args, self._batches_done - len(pending) + 1
         values = host_values(pending)
         for i, (loss, nonfinite, _, _) in enumerate(values):
@@ -349,13 +386,18 @@ class Run:
                                f"loss or gradient is not finite (on some rank); the step was not "
                                f"applied; stopping. {self.newest_good_checkpoint()}")
                 return 1
+        rate = epoch.images * self.world / (time.perf_counter() - epoch.started)
         for i, (loss, _, _, lr) in enumerate(values):
-            losses.append(loss)
-            progress.update(loss, lr, rate)
-            if progress.plain and (first + i) % a.log_interval == 0:
-                self.log.info(f"epoch: {epoch_index + 1} step: {first + i}/"
-                              f"{self.steps_per_epoch}, loss {loss:.4f}, lr {lr:.6f}, "
-                              f"{rate:.1f} img/s")
+            step = first + i
+            epoch.losses.append(loss)
+            mean = float(numpy.mean(epoch.losses))
+            progress.update(mean, lr, rate)
+            if step % a.log_interval == 0 or step == self.steps_per_epoch:
+                self.log.info(f"epoch: {epoch_index + 1} step: {step}/{self.steps_per_epoch}, "
+                              f"loss {loss:.4f} (epoch mean {mean:.4f}), lr {lr:.6f}, "
+                              f"{rate:.1f} img/s", extra={"console": progress.bar is None})
+                self._scalars(epoch_index * self.steps_per_epoch + step,
+                              {"train/loss": loss, "train/loss_epoch_mean": mean, "train/lr": lr})
         if any(stop for _, _, stop, _ in values):
             return self._stop_for_signal(epoch_index)
         return None
@@ -373,9 +415,13 @@ class Run:
                 return 1
         return code
 
-    def _end_epoch(self, epoch_index, start, losses, seconds, seen):
+    def _end_epoch(self, epoch_index, start, epoch):
         a, steps = self.args, max(1, self._batches_done - start)
-        rate = self.group.allreduce_sum(seen / seconds)   # total over ranks
+        seconds = time.perf_counter() - epoch.started
+        # images/s: the total over the ranks; data time: the ranks' mean
+        rate = self.group.allreduce_sum(epoch.images / seconds)
+        data_ms = 1000 * self.group.allreduce_sum(epoch.data_s) / self.world / steps
+        losses = epoch.losses
         self.log.info(f"epoch: {epoch_index + 1} step: {self._batches_done}, loss is {losses[-1]}")
         self.log.info(f"epoch time: {seconds * 1000:.3f} ms, per step time: "
                       f"{seconds * 1000 / steps:.3f} ms")
@@ -386,21 +432,110 @@ class Run:
         self._unreadable_logged = corrupt = len(unreadable)
         if corrupt:
             self.log.warning(f"{corrupt} unreadable image file(s) met so far on rank {self.rank}")
+        last = epoch_index + 1 == a.max_epoch
+        val = None
+        if self.val_dataset is not None and ((epoch_index + 1) % a.eval_interval == 0 or last):
+            val = self._validate(epoch_index)
+        self._clock.epoch_done(epoch_index, steps)
+        self.log.info(f"run: epoch {epoch_index + 1}/{a.max_epoch} done, elapsed "
+                      f"{_hms(self._clock.elapsed())}, ETA {_hms(self._clock.eta())}, "
+                      f"{rate:.1f} img/s over {self.world} process(es); per step "
+                      f"{seconds * 1000 / steps:.1f} ms: data {data_ms:.1f} ms, compute "
+                      f"{seconds * 1000 / steps - data_ms:.1f} ms")
+        global_step = (epoch_index + 1) * self.steps_per_epoch
+        self._scalars(global_step, {"train/img_per_sec": rate, "train/data_ms_per_step": data_ms})
         if self.rank == 0:
             record = {"epoch": epoch_index + 1, "global_step": self.scheduler.last_step + 1,
                       "loss_mean": float(numpy.mean(losses)), "loss_last": losses[-1],
                       "lr": self.optimizer.param_groups[0]["lr"], "img_per_sec": rate,
-                      "epoch_time_s": seconds, "corrupt_images": corrupt}
+                      "epoch_time_s": seconds, "data_ms_per_step": data_ms,
+                      "corrupt_images": corrupt}
+            if val is not None:
+                record.update(val_top1=val.top1 / val.total, val_top5=val.top5 / val.total,
+                              val_loss=val.loss, val_images=val.total,
+                              best_top1=self.best["top1"], best_epoch=self.best["epoch"])
             with open(os.path.join(self.ckpt_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        last = epoch_index + 1 == a.max_epoch
-        if (epoch_index + 1) % a.ckpt_interval == 0 or last:
-            try:
+        try:
+            if (epoch_index + 1) % a.ckpt_interval == 0 or last:
                 self.save(epoch_index, self._batches_done)
-            except ckpt.NonFiniteError as e:  # e.g. a BN running variance that overflowed
-                self.log.error(f"{e}: stopping. {self.newest_good_checkpoint()}")
-                return 1
+            if val is not None and self.best["epoch"] == epoch_index + 1:
+                self.save(epoch_index, self._batches_done, best=True)
+        except ckpt.NonFiniteError as e:  # e.g. a BN running variance that overflowed
+            self.log.error(f"{e}: stopping. {self.newest_good_checkpoint()}")
+            return 1
         return None
+
+    def _validate(self, epoch_index):
+        """Score the model on --val_data_path as eval.py does (``evaluate``, the
+        same preprocessing, counting and sharding; the training batch size),
+        log it, and keep ``self.best``. Returns the Scores."""
+        a = self.args
+        loader = Loader(self.val_dataset, batch_size=a.per_batch_size, train=False,
+                        image_size=a.image_size, num_workers=a.num_workers, seed=a.seed,
+                        rank=self.rank, world_size=self.world, warn_unreadable=False)
+        try:
+            scores = evaluate(self.model, loader, self.xp, self.group)
+        finally:
+            loader.close()
+            self.model.train()
+        if scores.total == 0:
+            raise UserError(f"--val_data_path {a.val_data_path}: no image could be read")
+        top1, top5 = scores.top1 / scores.total, scores.top5 / scores.total
+        improved = self.best is None or top1 > self.best["top1"]
+        if improved:
+            self.best = {"top1": top1, "top5": top5, "loss": scores.loss,
+                         "epoch": epoch_index + 1}
+        self.log.info(f"validation: epoch {epoch_index + 1}, top-1 {100 * top1:.2f}% top-5 "
+                      f"{100 * top5:.2f}% loss {scores.loss:.4f} on {scores.total} images; best "
+                      f"top-1 {100 * self.best['top1']:.2f}% (epoch {self.best['epoch']})")
+        if scores.nonfinite:
+            self.log.warning(f"validation: {scores.nonfinite} of {scores.total} rows had "
+                             f"non-finite logits and were scored wrong")
+        self._scalars((epoch_index + 1) * self.steps_per_epoch,
+                      {"val/top1": top1, "val/top5": top5, "val/loss": scores.loss})
+        return scores
+
+    def _scalars(self, step, values):
+        if self.tensorboard is not None:
+            for tag, value in values.items():
+                self.tensorboard.add_scalar(tag, value, step)
+
+
+class EpochTally:
+    """What one epoch has done so far in this process."""
+
+    def __init__(self, started):
+        self.started = started   # time.perf_counter()
+        self.images = 0          # images trained on
+        self.data_s = 0.0        # seconds spent waiting for batches
+        self.losses = []         # every step's loss, as read
+
+
+class RunClock:
+    """Elapsed time and ETA for the whole run: the time per step of the steps
+    this process has run (validation and saves included), times the steps left."""
+
+    def __init__(self, steps_per_epoch, max_epoch, start_epoch, start_batch):
+        self.started = time.perf_counter()
+        self.steps_per_epoch, self.max_epoch = steps_per_epoch, max_epoch
+        self.steps_done = 0
+        self.steps_left = (max_epoch - start_epoch) * steps_per_epoch - start_batch
+
+    def epoch_done(self, epoch_index, steps):
+        self.steps_done += steps
+        self.steps_left = (self.max_epoch - epoch_index - 1) * self.steps_per_epoch
+
+    def elapsed(self):
+        return time.perf_counter() - self.started
+
+    def eta(self):
+        return self.elapsed() / max(self.steps_done, 1) * self.steps_left
+
+
+def _hms(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def host_values(pending):
@@ -412,21 +547,31 @@ def host_values(pending):
             for loss, nonfinite, stop, lr in pending]
 
 
+def tensorboard_writer_class():
+    """tensorboardX's SummaryWriter, or a UserError saying how to get it."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the optional extra: pip install -e "
+                        "\".[tensorboard]\" (it installs tensorboardX)") from None
+    return SummaryWriter
+
+
 class _Progress:
-    """A tqdm bar on a terminal (rank 0); elsewhere nothing, and the caller logs
-    plain lines."""
+    """A tqdm bar on a terminal (rank 0): the epoch's steps, its mean loss so
+    far, lr and images/s, left on screen as the epoch's summary line. Off a
+    terminal (or on other ranks) no bar: the log's step lines say the same."""
 
-    def __init__(self, total, epoch_index, max_epoch, rank):
-        self.plain = not sys.stderr.isatty()
+    def __init__(self, total, start, epoch_index, max_epoch, rank):
         self.bar = None
-        if not self.plain and rank == 0:
+        if sys.stderr.isatty() and rank == 0:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=f"epoch {epoch_index + 1}/{max_epoch}",
-                            leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch_index + 1}/{max_epoch}",
+                            leave=True, dynamic_ncols=True)
 
-    def update(self, loss, lr, rate):
+    def update(self, mean_loss, lr, rate):
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.5f}", img_s=f"{rate:.1f}")
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.5f}", img_s=f"{rate:.1f}")
             self.bar.update(1)
 
     def close(self):

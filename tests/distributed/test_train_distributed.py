@@ -1,6 +1,8 @@
 """train.py and eval.py under ``mpirun -n 2 ... --run_distribute=1`` on the CPU:
 one run folder, a log per rank, checkpoints from rank 0 only, eval counts
 combined across ranks, and a failing rank ending the job."""
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -42,6 +44,35 @@ def test_two_ranks_train_and_evaluate(data, tmp_path):
                      "0", "--device_target", "CPU")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"top1_correct=\d+, tot=12, acc=\d+\.\d\d%\(TOP1\)", proc.stdout), proc.stdout
+
+
+@needs_mpirun
+def test_two_ranks_validate_as_eval_py_does_and_log_every_epoch(data, tmp_path):
+    out = tmp_path / "out"
+    tensorboard = ["--tensorboard"] if importlib.util.find_spec("tensorboardX") else []
+    proc, _ = mpirun(2, "train.py", "--run_distribute=1", f"--data_path={data / 'train'}",
+                     f"--val_data_path={data / 'val'}", "--output_path", str(out),
+                     "--max_epoch", "2", "--ckpt_interval", "1", *TINY, *tensorboard)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = os.listdir(out)
+    with open(out / run / "ckpt_0" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["val_images"] for r in records] == [12, 12]  # both shards, combined
+    for log in sorted(f for f in os.listdir(out / run) if f.endswith(".log")):
+        text = open(out / run / log).read()
+        for epoch in (1, 2):  # 3 steps an epoch, fewer than --log_interval: the last is logged
+            assert f"epoch: {epoch} step: 3/3, loss" in text, (log, epoch)
+            assert re.search(rf"run: epoch {epoch}/2 done, .* over 2 process\(es\)", text), log
+    assert os.path.exists(out / run / "ckpt_0" / "best.ckpt")
+    if tensorboard:
+        assert os.listdir(out / run / "tensorboard")  # rank 0's events
+
+    proc, _ = mpirun(2, "eval.py", "--run_distribute=1", f"--data_path={data / 'val'}",
+                     f"--checkpoint_file_path={out / run / 'ckpt_0' / '0-2_3.ckpt'}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    top1 = int(re.search(r"top1_correct=(\d+), tot=12", proc.stdout).group(1))
+    top5 = int(re.search(r"top5_correct=(\d+), tot=12", proc.stdout).group(1))
+    assert (records[-1]["val_top1"], records[-1]["val_top5"]) == (top1 / 12, top5 / 12)
 
 
 @needs_mpirun
