@@ -219,3 +219,29 @@ def test_help_shows_a_text_and_a_default_for_every_flag(parser):
         text = formatter._get_help_string(action)
         assert action.help and len(action.help) > 10, action.dest
         assert "default" in text, f"--{action.dest}: {text!r}"
+
+
+def test_the_terminal_bar_shows_the_mean_loss_and_stays(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = trainer._Progress(4, 0, 0, 3, rank=0)
+    for mean in (2.0, 1.5, 1.25, 1.125):
+        bar.update(mean, 0.1, 100.0)
+    bar.close()
+    err = capsys.readouterr().err
+    last = err.split("\r")[-1]
+    assert last.startswith("epoch 1/3: 100%") and "loss=1.1250" in last
+    assert last.endswith("\n")  # left on screen as the epoch's summary line
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert trainer._Progress(4, 0, 0, 3, rank=1).bar is None  # one bar, on rank 0
+
+
+def test_the_eta_is_the_time_per_step_so_far_times_the_steps_left(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: now[0])
+    clock = trainer.RunClock(steps_per_epoch=10, max_epoch=5, start_epoch=1, start_batch=4)
+    now[0] = 112.0      # the rest of epoch 2 (6 steps) took 12 s: 2 s a step
+    clock.epoch_done(1, 6)
+    assert (clock.elapsed(), clock.eta()) == (12.0, 2.0 * 30)  # epochs 3 to 5 left
+    now[0] = 132.0      # epoch 3 in 20 s
+    clock.epoch_done(2, 10)
+    assert clock.eta() == pytest.approx(32.0 / 16 * 20)
