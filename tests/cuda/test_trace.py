@@ -98,3 +98,16 @@ def test_the_trace_launches_the_kernels_an_emulated_step_runs(monkeypatch):
         gpu_step.trace_step("resnext_mini", 2, 32, num_classes=10, device="emulated")
     traced = gpu_step.trace_step("resnext_mini", 2, 32, num_classes=10)
     assert ran == [x.name for x in traced if x.kind == "kernel"]
+
+
+def test_the_batch_norm_step_counter_stays_on_the_host():
+    from minitorch_gx import nn
+    bn = nn.BatchNorm2d(4)
+    with trace.fake_gpu(record=False):
+        bn.to("gpu")
+    assert isinstance(bn.weight.data, trace.TracedArray)
+    assert type(bn.num_batches_tracked) is numpy.ndarray  # a host counter
+    with trace.fake_gpu() as launches:
+        bn(mt.Tensor(trace.to_gpu(numpy.ones((2, 4, 3, 3), numpy.float32))))
+    assert int(bn.num_batches_tracked) == 1
+    assert [x.name for x in launches if x.kind == "cupy"] == []  # only the BN kernels

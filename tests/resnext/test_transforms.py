@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, JpegImagePlugin
 
+from minitorch_gx import backend
 from resnext import transforms as T
+from tests.backends import KERNEL_IMPLEMENTATIONS, host, launch_shapes, run_on
 
 
 def _smooth_image(width, height):
@@ -258,3 +260,18 @@ def test_normalize_against_loops(xp, dtype):
                                         / (255 * T.IMAGENET_STD[ch]))
     rtol = 1e-6 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [256, 64])
+@pytest.mark.parametrize("shape", [(3, 7, 5, 3), (1, 1, 1, 3), (2, 20, 13, 3)])
+def test_the_normalize_kernel_is_bit_identical_to_the_reference(impl, dtype, threads, shape):
+    images = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
+    images[0, 0, 0] = (0, 255, 128)
+    expected = T.normalize_reference(images, np, dtype)
+    with run_on(impl) as dev, launch_shapes(EW_THREADS=threads):
+        out = T.normalize(dev(images), backend.get_array_module(dev(images)), dtype)
+    out = host(out)
+    assert out.dtype == dtype and out.shape == expected.shape and out.flags.c_contiguous
+    assert np.array_equal(out, expected)
