@@ -135,6 +135,19 @@ def choose(x, *, reference, fast, kernel=None):
     return fast
 
 
+def set_tf32(enabled):
+    """Let cuBLAS compute the GEMMs of float32 CuPy arrays in TF32 (tensor
+    cores; inputs rounded to a 10-bit mantissa, sums in fp32) when
+    ``enabled``; in full fp32 otherwise. Set both ways explicitly, so that a
+    ``CUPY_TF32=1`` in the environment never changes a run's arithmetic
+    unasked. Our own kernels are fp32 either way."""
+    if cupy is None:
+        raise RuntimeError("TF32 is a cuBLAS setting: it needs CuPy and a GPU")
+    from cupy._core import _routines_linalg as linalg
+    linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32 if enabled
+                            else linalg.COMPUTE_TYPE_DEFAULT)
+
+
 def nccl():
     """CuPy's NCCL binding (``cupy.cuda.nccl``), or None when it is missing.
     ``import cupy`` does not load it, so it is imported here on demand."""

@@ -136,6 +136,9 @@ def train_parser():
     p.add_argument("--eval_interval", type=int, default=None, metavar="N",
                    help="validate every N epochs, and after the last (default: 1 with "
                         "--val_data_path)")
+    p.add_argument("--tf32", action="store_true",
+                   help="on a GPU, let cuBLAS multiply float32 in TF32 (faster, less exact); "
+                        "the recipe and the default are full fp32")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write loss, learning rate, images/s and validation scores to "
                         "<run dir>/tensorboard/ (needs pip install -e \".[tensorboard]\")")

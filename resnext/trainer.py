@@ -85,6 +85,10 @@ class Run:
         validate_train_args(args)
         tensorboard_writer_class() if args.tensorboard else None  # a missing extra: one line now
         self.device = choose_device(args.device_target)
+        if args.tf32 and self.device != "gpu":
+            raise UserError("--tf32 is a cuBLAS setting for GPU runs; this run is on the CPU")
+        if self.device == "gpu":
+            backend.set_tf32(args.tf32)
         self.group = process_group(args.run_distribute, self.device, args.dist_timeout)
         self.rank, self.world = self.group.rank, self.group.world_size
         self.xp = backend.cupy if self.device == "gpu" else numpy

@@ -381,6 +381,7 @@ def test_a_full_disk_is_one_line_and_earlier_checkpoints_stay(data, tmp_path, mo
     (["--label_smooth_factor", "1.5"], "--label_smooth_factor 1.5: must be in [0, 1)"),
     (["--lr", "-0.1"], "--lr -0.1: must be greater than 0"),
     (["--min_crop_scale", "2"], "--min_crop_scale 2.0: must be in (0, 1]"),
+    (["--tf32"], "--tf32 is a cuBLAS setting for GPU runs; this run is on the CPU"),
 ])
 def test_bad_flags_are_one_line_before_any_work(flags, says, tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--device_target", "CPU", "--output_path",
