@@ -57,6 +57,10 @@ class Tensor:
                 data = data.astype(numpy.float32)
         self.data = data
         self.grad = None
+        # True while ``grad`` holds the zeros an optimizer's zero_grad() left:
+        # the first gradient may then be written straight into it
+        # (Function.grad_buffer), saving a launch per parameter on a GPU
+        self.grad_is_zero = False
         self.requires_grad = bool(requires_grad)
         self.creator = None  # the Function whose output this is; None for leaves
         self._grad_hooks = []
@@ -114,6 +118,7 @@ class Tensor:
 
     def zero_grad(self):
         self.grad = None
+        self.grad_is_zero = False
 
     def backward(self, grad=None):
         """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that
@@ -142,8 +147,13 @@ def _accumulate_leaf(t, g):
     # it in place, so it must never alias an array another tensor also holds.
     if t.grad is None:
         t.grad = g.copy()
+    elif g is t.grad:
+        pass  # the op wrote it in place (Function.grad_buffer)
+    elif t.grad_is_zero:
+        t.grad[...] = g
     else:
         t.grad += g
+    t.grad_is_zero = False
 
 
 def _fire_hooks(t):
@@ -238,6 +248,18 @@ class Function:
 
     def backward(self, gy):
         raise NotImplementedError
+
+    def grad_buffer(self, i):
+        """Where backward may put input ``i``'s gradient itself, or None: the
+        leaf's own gradient array while it still holds the zeros an
+        optimizer's ``zero_grad()`` left (so this is its first contribution).
+        An op may then add into it or overwrite it, and must return that very
+        array; the engine then has nothing to copy or add (on a GPU: one
+        launch fewer per parameter)."""
+        t = self.inputs[i]
+        if t.creator is None and t.requires_grad and t.grad is not None and t.grad_is_zero:
+            return t.grad
+        return None
 
     released = False
 

@@ -145,3 +145,55 @@ def test_reverse_subtraction_and_division():
     np.testing.assert_allclose(y.data, [0.25, -0.5])
     y.backward(np.ones(2))
     np.testing.assert_allclose(x.grad, [-0.25, -0.25])
+
+
+# ---------------------------------------------------------------------------
+# First gradients written straight into the optimizer's zeroed arrays
+# ---------------------------------------------------------------------------
+def _linear_net(rng):
+    from minitorch_gx.nn import Parameter
+    W1, b1 = Parameter(rng.standard_normal((5, 4))), Parameter(rng.standard_normal(5))
+    W2 = Parameter(rng.standard_normal((5, 5)))
+    return W1, b1, W2
+
+
+def _grads(zeroed, twice):
+    from minitorch_gx.optim import SGD
+    rng = np.random.default_rng(0)
+    W1, b1, W2 = _linear_net(rng)
+    x = mt.Tensor(rng.standard_normal((3, 4)))
+    opt = SGD([W1, b1, W2], lr=0.1)
+    if zeroed:
+        opt.zero_grad()
+    h = F.linear(x, W1, b1)
+    y = F.linear(F.linear(h, W2), W2) if twice else F.linear(h, W2)  # W2 used twice
+    (y * y).sum().backward()
+    return [p.grad.copy() for p in (W1, b1, W2)], opt, (W1, b1, W2)
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["each-once", "W2-twice"])
+def test_first_gradients_go_into_the_zeroed_arrays_and_equal_the_plain_ones(twice):
+    plain, _, _ = _grads(zeroed=False, twice=twice)
+    written, opt, params = _grads(zeroed=True, twice=twice)
+    for a, b in zip(plain, written):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for p, (_, view, _) in zip(params, opt._views):
+        assert p.grad is view and not p.grad_is_zero  # still the optimizer's views
+
+
+def test_a_gradient_written_in_place_costs_no_launch_on_the_gpu_path():
+    from minitorch_gx.cuda import trace
+    from minitorch_gx.nn import Parameter
+    from minitorch_gx.optim import SGD
+    with trace.fake_gpu(record=False):
+        W = Parameter(trace.to_gpu(np.ones((6, 4), np.float32)))
+        b = Parameter(trace.to_gpu(np.ones(6, np.float32)))
+        opt = SGD([W, b], lr=0.1)
+        opt.zero_grad()
+        y = F.linear(mt.Tensor(trace.to_gpu(np.ones((3, 4), np.float32))), W, b)
+    with trace.fake_gpu() as launches:
+        y.backward(trace.to_gpu(np.ones((3, 6), np.float32)))
+    # gx, gW (a GEMM into W.grad), gb (a reduction into b.grad): nothing added or copied after
+    assert [x.name for x in launches] == ["cuBLAS GEMM (matmul)", "cuBLAS GEMM (matmul)",
+                                          "add.reduce"]
+    np.testing.assert_array_equal(np.asarray(W.grad), 3 * np.ones((6, 4)))

@@ -204,10 +204,12 @@ class Linear(Function):
         return y
 
     def backward(self, gy):
+        xp = backend.get_array_module(gy)
         gx = gy @ self.W         # (N, in)
-        gW = gy.T @ self.x       # (out, in)
+        # into the parameters' own gradient arrays when they await their first
+        gW = xp.matmul(gy.T, self.x, out=self.grad_buffer(1))  # (out, in)
         if len(self.inputs) == 3:
-            return gx, gW, gy.sum(axis=0)
+            return gx, gW, gy.sum(axis=0, out=self.grad_buffer(2))
         return gx, gW
 
 

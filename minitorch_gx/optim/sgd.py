@@ -132,9 +132,13 @@ class SGD:
         return bad
 
     def zero_grad(self):
+        """One fill of the flat gradient; every parameter's ``grad`` is its view
+        of it, marked zero, so that backward may write the first gradient
+        straight into it (``Function.grad_buffer``)."""
         self.flat_grads.fill(0)
         for p, (_, grad, _) in zip(self._params, self._views):
             p.grad = grad
+            p.grad_is_zero = True
 
     def step(self, skip=None):
         """Update every parameter from its gradient. ``skip``: a 0-d array (such
