@@ -64,7 +64,11 @@ softmax_xent_fwd(const real* __restrict__ z, const long long* __restrict__ label
     if (threadIdx.x == 0) {
         real l = m + log(se);
         lse[i] = l;
-        loss[i] = l - (on - off) * row[labels[i]] - off * sz;
+        const long long y = labels[i];
+        // a label outside [0, K) is never read through: its loss is NaN, which
+        // the caller's non-finite check reports (no trap: on a GPU a trap ends
+        // the process's CUDA context, and checking on the host would wait)
+        loss[i] = y >= 0 && y < K ? l - (on - off) * row[y] - off * sz : (real)nan("");
     }
 }
 
@@ -75,6 +79,7 @@ softmax_xent_bwd(const real* __restrict__ z, const long long* __restrict__ label
     const int i = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= K) return;
     long long e = (long long)i * K + k;
-    real target = k == labels[i] ? on : off;
-    gz[e] = (exp(z[e] - lse[i]) - target) * gloss[i];
+    const long long y = labels[i];
+    real target = k == y ? on : off;
+    gz[e] = y >= 0 && y < K ? (exp(z[e] - lse[i]) - target) * gloss[i] : (real)nan("");
 }

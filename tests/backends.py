@@ -96,6 +96,24 @@ def scaled(expected, factor=3e-5):
     return factor * max(1.0, float(numpy.abs(host(expected)).max()))
 
 
+def same_bits_under_every_schedule(run, what=""):
+    """``run()`` returns arrays computed by emulated kernels; they must be equal
+    bit for bit whether the threads between two barriers (and the blocks) run
+    in index order, reversed or shuffled: a result that depends on the order
+    is a race, even one the emulator's race tracker cannot see."""
+    from minitorch_gx.cuda import emulator
+
+    results = {}
+    for order in emulator.SCHEDULES:
+        with emulator.schedule(order, seed=11):
+            results[order] = [host(a).copy() for a in run()]
+    for order, arrays in results.items():
+        for i, (a, b) in enumerate(zip(arrays, results["forward"])):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), (
+                f"{what} output {i}: the {order} schedule changes "
+                f"{int((a != b).sum())} of {a.size} elements")
+
+
 def count_calls(monkeypatch, module, name):
     """Replace module.name by a wrapper that records each call; return the record."""
     calls, original = [], getattr(module, name)

@@ -2,16 +2,18 @@
 //
 // A .cu file is compiled as C++ with this header force-included
 // (g++ -include cuda_emu.h) and linked with cuda_emu_runtime.cpp, which runs
-// the launches. minitorch_gx/cuda/emulator.py drives both: it rewrites __shared__
-// declarations into per-block storage (see shared_var), appends one entry
+// the launches. minitorch_gx/cuda/emulator.py drives both: it rewrites the
+// kernel's pointer types into checked pointers (emu::ptr), its __shared__
+// declarations into checked per-block arrays (emu::arr), appends one entry
 // point per kernel, builds a .so and calls it with ctypes.
 //
 // This header provides: the built-in variables (threadIdx, blockIdx, blockDim,
-// gridDim), __syncthreads, warp shuffles / votes / __syncwarp, atomics (real
-// ones: blocks may run on several OS threads), __ldg and the fast-math
-// intrinsics the kernels use, CUDA's min/max, and the launch templates that
-// call a kernel with arguments handed over from Python. It stays small so
-// that each kernel file compiles quickly; the scheduler lives in the runtime.
+// gridDim), __syncthreads, warp shuffles / votes / __syncwarp, atomics (on
+// raw and on checked pointers), __ldg and the fast-math intrinsics the
+// kernels use, CUDA's min/max, and the launch templates that call a kernel
+// with arguments handed over from Python. The checked memory types of the
+// sanitizer (ptr, ref, arr) are in cuda_emu_checked.h, the checks themselves
+// in cuda_emu_sanitizer.cpp, the scheduler in cuda_emu_runtime.cpp.
 #pragma once
 
 #include <math.h>
@@ -66,13 +68,37 @@ extern thread_local BlockView* tl_block __attribute__((visibility("hidden")));
 enum Wait { AT_BLOCK_BARRIER = 1, AT_WARP_BARRIER = 2 };
 constexpr uint64_t POISON = ~0ull;  // 0xFF bytes: NaN as float or double
 
+// The checks a launch can run (Options::checks is a set of these bits).
+enum Check { MEMCHECK = 1, RACECHECK = 2, INITCHECK = 4, SYNCCHECK = 8 };
+// What an access does to memory.
+enum Kind { READ = 1, WRITE = 2, READ_WRITE = 3, ATOMIC = 4, MEMBER = 8 };
+
+// One array a kernel can reach: a pointer argument or a shared array. Kernel
+// code sees its extent, so that an access with no shadow state to update
+// (memcheck alone) is checked inline; the runtime's RegionState
+// (cuda_emu_internal.h) adds names and shadow memory.
+struct Region {
+    char* base = nullptr;
+    size_t bytes = 0;
+    bool shadowed = false;  // initcheck or racecheck follows it: every access calls access()
+};
+
 // Suspend this fiber until the scheduler releases its barrier. `mask`: the
-// lanes of a warp operation; `site`: which __syncthreads call.
-void park(int wait, unsigned mask, const void* site);
+// lanes of a warp operation; `line`: the source line of the call, which also
+// tells one __syncthreads call from another (code addresses would not: the
+// compiler may copy a call when it unrolls or peels a loop).
+void park(int wait, unsigned mask, int line);
 // This block's copy of __shared__ variable `id` (allocated, filled with 0xFF,
-// by the first thread that asks).
-void* shared_slot(int id, size_t bytes, size_t align);
-void* dynamic_shared_memory();
+// by the first thread that asks); *region is its Region, or null when no
+// memory check is on. dims: the declared dimensions (ndims of them).
+void* shared_slot(int id, size_t bytes, size_t align, size_t elem, const char* name,
+                  const char* type, int ndims, const long long* dims, Region** region);
+void* dynamic_shared_memory(size_t elem, const char* name, const char* type, Region** region);
+// The sanitizer: called before every access through a checked pointer; stops
+// the launch with a message at the first violation. `bad`: an index was
+// outside its declared dimension (note_bad_index said which).
+void access(Region* r, const void* addr, size_t bytes, int kind, int line, bool bad);
+void note_bad_index(Region* r, int rank, long long index, long long extent, int line);
 // One of the two exchange buffers for warp operations (8 bytes per thread).
 uint64_t* exchange_buffer(unsigned parity);
 // Lanes of the warp starting at thread `base` that have not returned.
@@ -80,32 +106,77 @@ unsigned lanes_alive(int base);
 // __trap(): abandon the launch with an error.
 [[noreturn]] void trap();
 
+}  // namespace emu
+
+// ptr<T>, ref<T>, arr<T>: the checked memory of the sanitizer.
+#include "cuda_emu_checked.h"
+
+namespace emu {
+
+// ------------------------------------------------------------- launches
+// What Python tells the runtime about each kernel parameter (itemsize = 0:
+// not a pointer) and about the launch. Mirrored by ctypes in emulator.py.
+struct ArgInfo {
+    unsigned long long bytes, itemsize;
+    unsigned char* init;  // one byte per byte of the array: 1 = written; null: all written
+    const char* name;     // the parameter's name
+    const char* type;     // the array's dtype
+    int same_as;          // an earlier parameter given the same array, or -1
+    int pad;
+};
+struct Options {
+    int workers;
+    unsigned checks;
+    int schedule;  // 0 index order, 1 reversed, 2 seeded random
+    int pad;
+    unsigned long long seed;
+    const char* kernel;
+    const char* file;
+};
+
 struct Launch {
     void* fn;
-    void (*invoke)(void*, void**);
+    void (*invoke)(void*, void**, Region* const*);
     void** args;
+    int nargs;
     dim3 grid, block;
     size_t dynamic_shared;
     size_t stack_bytes;
+    const ArgInfo* info;
+    const Options* options;
+    Region* const* regions = nullptr;  // one per parameter (null: not checked); set by the runtime
 };
-int run_launch(const Launch& launch, int workers, char* err, int errlen);
+int run_launch(const Launch& launch, char* err, int errlen);
 
-// Call fn with the arguments stored behind args[i] (one pointer per parameter).
+// A kernel parameter from the value Python stored behind args[i]: pointers
+// become checked pointers into their Region.
+template <class A>
+struct param {
+    static A get(void* a, Region*) { return *static_cast<A*>(a); }
+};
+template <class T>
+struct param<ptr<T>> {
+    static ptr<T> get(void* a, Region* r) { return ptr<T>(*static_cast<T**>(a), r); }
+};
 template <class... A, size_t... I>
-void invoke_impl(void (*fn)(A...), void** args, std::index_sequence<I...>) {
-    fn(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+void invoke_impl(void (*fn)(A...), void** args, Region* const* regions,
+                 std::index_sequence<I...>) {
+    fn(param<std::remove_cv_t<std::remove_reference_t<A>>>::get(args[I], regions[I])...);
 }
 template <class... A>
-void invoke(void* fn, void** args) {
-    invoke_impl(reinterpret_cast<void (*)(A...)>(fn), args, std::index_sequence_for<A...>{});
+void invoke(void* fn, void** args, Region* const* regions) {
+    invoke_impl(reinterpret_cast<void (*)(A...)>(fn), args, regions,
+                std::index_sequence_for<A...>{});
 }
 
 template <class... A>
 int launch(void (*fn)(A...), const unsigned* dims, unsigned long long dynamic_shared,
-           unsigned long long stack_bytes, void** args, int workers, char* err, int errlen) {
-    Launch L{reinterpret_cast<void*>(fn), &invoke<A...>, args, dim3(dims[0], dims[1], dims[2]),
-             dim3(dims[3], dims[4], dims[5]), size_t(dynamic_shared), size_t(stack_bytes)};
-    return run_launch(L, workers, err, errlen);
+           unsigned long long stack_bytes, void** args, const ArgInfo* info,
+           const Options* options, char* err, int errlen) {
+    Launch L{reinterpret_cast<void*>(fn), &invoke<A...>, args, int(sizeof...(A)),
+             dim3(dims[0], dims[1], dims[2]), dim3(dims[3], dims[4], dims[5]),
+             size_t(dynamic_shared), size_t(stack_bytes), info, options};
+    return run_launch(L, err, errlen);
 }
 
 // A kernel's parameter types as text, e.g. "pf,pf,i,f," for
@@ -125,6 +196,7 @@ template <> struct code<signed char> : coded<'b'> {};
 template <> struct code<unsigned char> : coded<'B'> {};
 template <> struct code<bool> : coded<'o'> {};
 template <class T> struct code<T*> : coded<code<std::remove_cv_t<T>>::c, true> {};
+template <class T> struct code<ptr<T>> : coded<code<std::remove_cv_t<T>>::c, true> {};
 template <class... A>
 const char* signature(void (*)(A...)) {
     static char text[3 * sizeof...(A) + 1];
@@ -135,24 +207,13 @@ const char* signature(void (*)(A...)) {
     return text;
 }
 
-// `__shared__ float tile[8][33];` is rewritten by emulator.py into
-// `auto& tile = emu::shared_var<float[8][33]>(ID);`: every thread of the block
-// gets the same object, a new one (full of 0xFF bytes) for every block.
-template <class T>
-T& shared_var(int id) {
-    return *static_cast<T*>(shared_slot(id, sizeof(T), alignof(T)));
-}
-// `extern __shared__ float smem[];` becomes `float* smem = emu::dynamic_shared<float>();`.
-template <class T>
-T* dynamic_shared() { return static_cast<T*>(dynamic_shared_memory()); }
-
 // Every lane of the warp publishes v; lane `src` of the warp (-1: keep your
 // own) is read back. A source lane that does not exist or is not in the mask
 // is undefined on the GPU: it reads as poison here. Two buffers alternate, so
 // a lane that runs ahead to the next operation cannot overwrite a value
 // another lane has yet to read.
 template <class T>
-T warp_exchange(unsigned mask, T v, int src) {
+T warp_exchange(unsigned mask, T v, int src, int line) {
     static_assert(sizeof(T) <= 8, "warp shuffles move at most 8 bytes");
     ThreadView* t = tl_thread;
     int me = t->linear, base = me & ~31;
@@ -160,7 +221,7 @@ T warp_exchange(unsigned mask, T v, int src) {
     uint64_t bits = POISON;
     memcpy(&bits, &v, sizeof(T));
     x[me] = bits;
-    park(AT_WARP_BARRIER, mask, nullptr);
+    park(AT_WARP_BARRIER, mask, line);
     T r = v;
     if (src >= 0) {
         bool ok = (mask >> src & 1u) && base + src < tl_block->nthreads;
@@ -179,60 +240,71 @@ inline int lane_id() { return tl_thread->linear & 31; }
 #define blockDim (emu::tl_block->block)
 #define gridDim (emu::tl_block->grid)
 
-// Not inlined: its return address tells which __syncthreads call a thread
-// waits at, so that a barrier in divergent code is reported.
-__attribute__((noinline)) inline void __syncthreads() {
-    emu::park(emu::AT_BLOCK_BARRIER, 0, __builtin_return_address(0));
+// The line of the call tells which __syncthreads a thread waits at, so that
+// a barrier in divergent code is reported.
+inline void __syncthreads(int line = __builtin_LINE()) {
+    emu::park(emu::AT_BLOCK_BARRIER, 0, line);
 }
-inline void __syncwarp(unsigned mask = 0xffffffffu) {
+inline void __syncwarp(unsigned mask = 0xffffffffu, int line = __builtin_LINE()) {
     emu::tl_thread->warp_ops++;  // keeps every lane's exchange-buffer parity in step
-    emu::park(emu::AT_WARP_BARRIER, mask, nullptr);
+    emu::park(emu::AT_WARP_BARRIER, mask, line);
 }
 inline void __trap() { emu::trap(); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 // ------------------------------------------------------------------- warps
-template <class T>
-T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+template <class V, class T = emu::value_t<V>>
+T __shfl_sync(unsigned mask, const V& value, int src_lane, int width = 32,
+              int line = __builtin_LINE()) {
     int lane = emu::lane_id();
-    return emu::warp_exchange(mask, v, (lane & ~(width - 1)) + (src_lane & (width - 1)));
+    return emu::warp_exchange<T>(mask, value, (lane & ~(width - 1)) + (src_lane & (width - 1)),
+                                 line);
 }
-template <class T>
-T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+template <class V, class T = emu::value_t<V>>
+T __shfl_down_sync(unsigned mask, const V& value, unsigned delta, int width = 32,
+                   int line = __builtin_LINE()) {
     int lane = emu::lane_id();
     int src = (lane & (width - 1)) + int(delta) < width ? lane + int(delta) : -1;
-    return emu::warp_exchange(mask, v, src);
+    return emu::warp_exchange<T>(mask, value, src, line);
 }
-template <class T>
-T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+template <class V, class T = emu::value_t<V>>
+T __shfl_up_sync(unsigned mask, const V& value, unsigned delta, int width = 32,
+                 int line = __builtin_LINE()) {
     int lane = emu::lane_id();
     int src = (lane & (width - 1)) >= int(delta) ? lane - int(delta) : -1;
-    return emu::warp_exchange(mask, v, src);
+    return emu::warp_exchange<T>(mask, value, src, line);
 }
-template <class T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+template <class V, class T = emu::value_t<V>>
+T __shfl_xor_sync(unsigned mask, const V& value, int lane_mask, int width = 32,
+                  int line = __builtin_LINE()) {
     int lane = emu::lane_id();
     int src = lane ^ lane_mask;
     if (src >= (lane & ~(width - 1)) + width) src = -1;  // later width-groups: keep your own
-    return emu::warp_exchange(mask, v, src);
+    return emu::warp_exchange<T>(mask, value, src, line);
 }
-inline unsigned __ballot_sync(unsigned mask, int predicate) {
+inline unsigned __ballot_sync(unsigned mask, int predicate, int line = __builtin_LINE()) {
     emu::ThreadView* t = emu::tl_thread;
     int me = t->linear, base = me & ~31;
     uint64_t* x = emu::exchange_buffer(t->warp_ops++ & 1u);
     x[me] = predicate != 0;
-    emu::park(emu::AT_WARP_BARRIER, mask, nullptr);
+    emu::park(emu::AT_WARP_BARRIER, mask, line);
     unsigned bits = 0;
     for (int j = 0; j < 32 && base + j < emu::tl_block->nthreads; ++j)
         if ((mask >> j & 1u) && x[base + j] == 1) bits |= 1u << j;
     return bits;
 }
-inline int __any_sync(unsigned mask, int p) { return __ballot_sync(mask, p) != 0; }
-inline int __all_sync(unsigned mask, int p) { return __ballot_sync(mask, !p) == 0; }
+inline int __any_sync(unsigned mask, int p, int line = __builtin_LINE()) {
+    return __ballot_sync(mask, p, line) != 0;
+}
+inline int __all_sync(unsigned mask, int p, int line = __builtin_LINE()) {
+    return __ballot_sync(mask, !p, line) == 0;
+}
 inline unsigned __activemask() { return emu::lanes_alive(emu::tl_thread->linear & ~31); }
 
 // ----------------------------------------------------------------- atomics
+// On raw pointers (locals) and, checked (in bounds, initialised; exempt from
+// the race tracker), on checked ones.
 template <class T>
 T emu_atomic_add_float(T* addr, T v) {
     using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
@@ -282,9 +354,31 @@ T atomicCAS(T* a, T compare, T v) {
     __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return compare;  // the old value, as on the GPU
 }
+#define EMU_CHECKED_ATOMIC(name)                                                        \
+    template <class T>                                                                  \
+    T name(emu::ptr<T> a, typename emu::same<T>::type v, int line = __builtin_LINE()) { \
+        if (a.r) emu::access(a.r, a.p, sizeof(T), emu::ATOMIC, line, false);            \
+        return name(a.p, v);                                                            \
+    }
+EMU_CHECKED_ATOMIC(atomicAdd)
+EMU_CHECKED_ATOMIC(atomicMax)
+EMU_CHECKED_ATOMIC(atomicMin)
+EMU_CHECKED_ATOMIC(atomicExch)
+#undef EMU_CHECKED_ATOMIC
+template <class T>
+T atomicCAS(emu::ptr<T> a, typename emu::same<T>::type compare, typename emu::same<T>::type v,
+            int line = __builtin_LINE()) {
+    if (a.r) emu::access(a.r, a.p, sizeof(T), emu::ATOMIC, line, false);
+    return atomicCAS(a.p, compare, v);
+}
 
 // ------------------------------------------------------------- intrinsics
 template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T>
+std::remove_cv_t<T> __ldg(emu::ptr<T> p, int line = __builtin_LINE()) {
+    if (p.r) emu::access(p.r, p.p, sizeof(T), emu::READ, line, false);
+    return *p.p;
+}
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline double rsqrt(double x) { return 1.0 / sqrt(x); }
 inline float __expf(float x) { return expf(x); }

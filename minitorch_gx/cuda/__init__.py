@@ -4,7 +4,9 @@
                     compiled once and memoized) or the CPU emulator; LAUNCH
                     shapes, compile defines, argument checks
     emulator.py     the CPU emulator, one more device beside CuPy's: g++
-                    compiles the same .cu source, threads run as fibers
+                    compiles the same .cu source, threads run as fibers, every
+                    access is checked (memcheck, racecheck, initcheck, synccheck)
+    emulator_source.py  how a .cu file is rewritten for it (checked pointers)
     conv.py         launchers of grouped_conv.cu and grouped_conv_bwd_weight.cu
     norm.py         launchers of batch_norm.cu
     pool.py         launchers of max_pool.cu

@@ -17,8 +17,8 @@ and any grouped 1x1 -- runs our implicit-GEMM kernels. Kernels index with
 """
 import numpy
 
-from .device import LAUNCH, check_size as _check_size, defines as _defines, device_for
-from .device import pair as _pair
+from .device import check_size as _check_size, check_threads as _check_threads
+from .device import defines as _defines, device_for, pair as _pair
 
 GEMM_FOR_1X1 = True  # route groups=1 1x1 convolutions to cuBLAS (see the module docstring)
 _i32 = numpy.int32
@@ -50,7 +50,7 @@ def _use_gemm(geo):
 
 def _conv_gemm_launch(kernel, src, W, dst, geo, rows):
     dev = device_for(src)
-    threads = LAUNCH["CONV_THREADS"]
+    threads = _check_threads("CONV_THREADS", "grouped_conv.cu", 32, 256, powers_of_two=True)
     bm = _tile_rows(rows)
     bn = threads * 16 // bm
     n, c, h, w, k, p, q, groups = geo[:8]
@@ -77,6 +77,7 @@ def conv2d_forward(x, W, stride, padding, groups):
     y = dev.empty((n, k, p, q), dtype)
     _check_size(x=x, y=y)
     _conv_gemm_launch("grouped_conv2d_fwd", x, W, y, geo, k // g)
+    dev.check_written(y)
     return y
 
 
@@ -101,6 +102,7 @@ def conv2d_backward_data(gy, W, x_shape, stride, padding, groups):
     gx = dev.empty((n, c, h, w), dtype)
     _check_size(gy=gy, gx=gx)
     _conv_gemm_launch("grouped_conv2d_bwd_data", gy, W, gx, geo, c // g)
+    dev.check_written(gx)
     return gx
 
 
@@ -124,7 +126,9 @@ def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups):
     gy, x = dev.input(gy, dtype), dev.input(x, dtype)
     gW = dev.zeros(tuple(W_shape), dtype)
     _check_size(gy=gy, x=x)
-    threads = LAUNCH["WGRAD_THREADS"]
+    # red[TAPS][WGRAD_THREADS] of shared memory must fit in 48 KiB
+    threads = _check_threads("WGRAD_THREADS", "grouped_conv_bwd_weight.cu",
+                             most=min(1024, 48 * 1024 // (WGRAD_TAPS * gy.itemsize)))
     pieces = g * (c // g) * -(-(k // g) // WGRAD_KT) * -(-(r * s) // WGRAD_TAPS)
     pixels = n * p * q
     # Each thread should sum a few dozen pixels before the block's reduction,

@@ -26,7 +26,7 @@ KERNEL_FILES = {"grouped_conv.cu": ("CONV_THREADS",),
                 "grouped_conv_bwd_weight.cu": ("WGRAD_THREADS",),
                 "batch_norm.cu": ("BN_THREADS",), "sgd.cu": ("SGD_THREADS",),
                 "max_pool.cu": ("POOL_THREADS",), "softmax_cross_entropy.cu": ("XENT_THREADS",),
-                "add_relu.cu": ("EW_THREADS",)}
+                "add_relu.cu": ("EW_THREADS",), "normalize.cu": ("EW_THREADS",)}
 
 NVRTC_OPTIONS = ("--std=c++17",)
 _REAL = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
@@ -67,6 +67,12 @@ class CupyDevice:
         self.module(file, defines).get_function(kernel)(grid, block, tuple(args),
                                                         shared_mem=shared_mem)
 
+    def mark_written(self, *arrays):
+        """The emulator's initcheck hooks (emulator.EmuDevice); nothing to do on a GPU."""
+
+    def check_written(self, *arrays):
+        """The emulator's initcheck hooks (emulator.EmuDevice); nothing to do on a GPU."""
+
 
 CUPY_DEVICE = CupyDevice() if cupy is not None else None
 
@@ -91,6 +97,23 @@ def defines(dtype, *names):
 def builds(dtype=numpy.float32):
     """(file, defines) for every kernel file as the launchers compile it now."""
     return [(f, defines(dtype, *names)) for f, names in KERNEL_FILES.items()]
+
+
+def check_threads(name, file, multiple=32, most=1024, powers_of_two=False):
+    """LAUNCH[name] is a block size ``file`` works with. Checked before the
+    launch because the kernels __trap on any other, and on a GPU a trap ends
+    the CUDA context: every later call of the process fails."""
+    threads = LAUNCH[name]
+    if powers_of_two:
+        ok = threads >= multiple and threads <= most and threads & (threads - 1) == 0
+        want = f"a power of two from {multiple} to {most}"
+    else:
+        ok = 0 < threads <= most and threads % multiple == 0
+        want = f"a multiple of {multiple} up to {most}"
+    if not ok:
+        raise ValueError(f"{file} needs {name} = {want}, got {threads} (LAUNCH in "
+                         f"minitorch_gx/cuda/device.py)")
+    return threads
 
 
 def check_size(**arrays_or_sizes):

@@ -19,6 +19,7 @@ def add_relu_forward(a, b):
     threads = LAUNCH["EW_THREADS"]
     dev.launch("add_relu.cu", "add_relu_fwd", (_blocks(a.size, threads),), (threads,),
                [a, b, y, _i64(a.size)], defines=_defines(dtype, "EW_THREADS"))
+    dev.check_written(y)
     return y
 
 
@@ -30,4 +31,5 @@ def relu_backward(gy, y):
     threads = LAUNCH["EW_THREADS"]
     dev.launch("add_relu.cu", "relu_bwd", (_blocks(gy.size, threads),), (threads,),
                [gy, y, gx, _i64(gy.size)], defines=_defines(dtype, "EW_THREADS"))
+    dev.check_written(gx)
     return gx

@@ -1,23 +1,56 @@
-"""Run the project's CUDA C kernels on the CPU, so they can be tested without a GPU.
+"""Run the project's CUDA C kernels on the CPU, checked, so they can be tested without a GPU.
 
-A ``kernels/*.cu`` file is compiled as C++ by g++ against ``kernels/emu/cuda_emu.h``,
-which provides threadIdx/blockIdx, ``__syncthreads``, warp shuffles, atomics
-and per-block shared memory, and runs the threads of a block as cooperative
-fibers so that barriers mean what they mean on the GPU. The built library is
-cached (keyed by a hash of everything that went into it) and called through
-ctypes. ``EmuDevice`` gives the launchers (``minitorch_gx.cuda.conv`` ...) the
-same interface as the CuPy device in ``device.py``: the emulator is one more
-device, so the very same launch code is what the tests exercise.
+A ``kernels/*.cu`` file is translated (``emulator_source.translate``: pointers
+become checked pointers, ``__shared__`` arrays checked views), compiled as C++
+by g++ against ``kernels/emu/cuda_emu.h``, which provides threadIdx/blockIdx,
+``__syncthreads``, warp shuffles, atomics and per-block shared memory, and
+runs the threads of a block as cooperative fibers so that barriers mean what
+they mean on the GPU. The built library is cached (keyed by a hash of
+everything that went into it) and called through ctypes. ``EmuDevice`` gives
+the launchers (``minitorch_gx.cuda.conv`` ...) the same interface as the CuPy
+device in ``device.py``: the emulator is one more device, so the very same
+launch code is what the tests exercise.
+
+Every launch runs under a sanitizer, as compute-sanitizer would on a GPU; the
+first violation stops it with an ``EmuError`` naming the kernel, block,
+thread, array, element, extent and source line:
+  memcheck   every access through a pointer argument inside the NumPy array
+             passed (a view: inside the view), every shared index inside its
+             declared dimension, dynamic shared memory inside ``shared_mem``;
+  racecheck  shared memory: two threads touching one element, one writing,
+             with no barrier both took part in between (``__syncthreads``, or
+             a warp operation whose mask holds both); global memory: a thread
+             reading or rewriting an element another thread of the launch
+             wrote, unless a barrier of their block orders them; atomics exempt;
+  initcheck  a read of shared memory, or of an ``EmuDevice.empty`` array, that
+             nothing wrote (the shadow of an ``empty`` array lives from launch
+             to launch; host code that fills one says so with
+             ``mark_written``); ``EmuDevice.check_written`` fails if a
+             launcher's output has elements no kernel wrote;
+  synccheck  threads of a block waiting at different ``__syncthreads`` calls,
+             warp operations whose lanes disagree on the mask, deadlocks.
+``checks(...)`` (or ``MINITORCH_GX_EMU_CHECKS``: ``all``, the default, ``0``,
+or a list such as ``memcheck,racecheck``) selects them; ``schedule(order)``
+(or ``MINITORCH_GX_EMU_SCHEDULE``: ``forward``, ``reverse``, ``random[:SEED]``)
+sets the order in which threads run between barriers, and blocks run, so that
+tests can see what the trackers cannot: a race-free kernel without float
+atomics gives bit-identical outputs under every order. A checked or
+re-ordered launch runs its blocks on one OS thread.
 
     mod = emulator.build("sgd.cu")
     mod.launch("sgd_momentum_update", grid=(4,), block=(256,), args=[p, g, ..., numpy.int32(n)])
+
+This file: the checks and the schedule (settings, context managers);
+building and caching; launching (arguments, their Regions); arrays (guard
+zones, initcheck shadows) and ``EmuDevice``. The source translation is in
+``emulator_source.py``, the C++ side in ``kernels/emu/``.
 """
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
-import re
 import subprocess
 import threading
 import weakref
@@ -25,12 +58,15 @@ from pathlib import Path
 
 import numpy
 
+from .emulator_source import TranslationError, translate
+
 __all__ = ["EmuError", "build", "prebuild", "build_source", "device", "kernel_dir", "translate",
-           "Module", "EmuDevice"]
+           "Module", "EmuDevice", "CHECKS", "SCHEDULES", "checks", "schedule",
+           "enabled_checks", "current_schedule"]
 
 
 class EmuError(RuntimeError):
-    """A kernel failed in the emulator (bad launch, deadlock, out-of-bounds write...)."""
+    """A kernel failed in the emulator (bad launch, a sanitizer report, deadlock...)."""
 
 
 def kernel_dir():
@@ -53,63 +89,87 @@ def cache_dir():
 
 
 # --------------------------------------------------------------------------
-# Source translation: __shared__ declarations become per-block storage, and
-# every kernel gets a C entry point for ctypes.
+# The checks and the schedule: environment defaults, context managers.
 # --------------------------------------------------------------------------
-_BOUNDS = r"(?:__launch_bounds__\s*\([^)]*\)\s*)?"
-_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+' + _BOUNDS + r"void\s+" + _BOUNDS +
-                     r"(\w+)\s*\(")
-_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?"
-                            r"([A-Za-z_][\w\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
-_SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([A-Za-z_][\w\s]*?)\s+(\w+)\s*"
-                     r"((?:\[[^\]\n]+\])*)\s*;")
-_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
-_VISIBLE = '__attribute__((visibility("default")))'  # everything else is hidden
+CHECKS = ("memcheck", "racecheck", "initcheck", "synccheck")
+_CHECK_BITS = {"memcheck": 1, "racecheck": 2, "initcheck": 4, "synccheck": 8}
+SCHEDULES = ("forward", "reverse", "random")
+_override = {"checks": None, "schedule": None}
 
 
-def _blank_comments(source):
-    """Comments replaced by spaces (newlines kept), so regexes skip them and line numbers hold."""
-    return _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), source)
+def _parse_checks(spec, where):
+    if spec is True or (isinstance(spec, str) and spec.strip().lower() in ("all", "1", "on")):
+        return frozenset(CHECKS)
+    if spec is False or spec is None or (isinstance(spec, str) and
+                                         spec.strip().lower() in ("", "0", "off", "none")):
+        return frozenset()
+    names = [n.strip().lower() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        raise ValueError(f"{where}: unknown check {unknown[0]!r}; the checks are "
+                         f"{', '.join(CHECKS)} (or all / 0)")
+    return frozenset(names)
 
 
-def translate(source, filename="<kernel>"):
-    """Return (C++ text, kernel names) for a .cu source."""
-    code = _blank_comments(source)
-    counter = iter(range(1 << 20))
-    code = _EXTERN_SHARED.sub(
-        lambda m: f"{m.group(1)}* {m.group(2)} = emu::dynamic_shared<{m.group(1)}>();", code)
-    code = _SHARED.sub(
-        lambda m: (f"auto& {m.group(2)} = "
-                   f"emu::shared_var<{m.group(1)}{m.group(3)}>({next(counter)});"),
-        code)
-    if "__shared__" in code:
-        line = code[:code.index("__shared__")].count("\n") + 1
-        raise EmuError(f"{filename}:{line}: a __shared__ declaration the emulator cannot rewrite "
-                       f"(write one variable per declaration: `__shared__ float a[N][M];`)")
-    names = _KERNEL.findall(code)
-    if not names:
-        raise EmuError(f"{filename}: no `extern \"C\" __global__ void` kernel found")
-    wrappers = ["", "// ---- emulator entry points (generated) ----"]
-    for name in names:
-        wrappers.append(
-            f'extern "C" {_VISIBLE} int emu_launch_{name}(const unsigned* dims, '
-            f'unsigned long long smem, unsigned long long stack, void** args, int workers, '
-            f'char* err, int errlen) '
-            f'{{ return emu::launch(&{name}, dims, smem, stack, args, workers, err, errlen); }}')
-        wrappers.append(f'extern "C" {_VISIBLE} const char* emu_signature_{name}() '
-                        f'{{ return emu::signature(&{name}); }}')
-    text = f'#line 1 "{filename}"\n' + code + "\n".join(wrappers) + "\n"
-    return text, names
+def _parse_schedule(spec, where):
+    order, _, seed = str(spec).strip().lower().partition(":")
+    if order not in SCHEDULES or (seed and not seed.isdigit()):
+        raise ValueError(f"{where}: schedule must be forward, reverse or random[:SEED], "
+                         f"got {spec!r}")
+    return order, int(seed or 0)
+
+
+def enabled_checks():
+    """The checks launches run now (a frozenset of names from CHECKS)."""
+    if _override["checks"] is not None:
+        return _override["checks"]
+    return _parse_checks(os.environ.get("MINITORCH_GX_EMU_CHECKS", "all"),
+                         "MINITORCH_GX_EMU_CHECKS")
+
+
+def current_schedule():
+    """(order, seed) of launches now: order is one of SCHEDULES."""
+    if _override["schedule"] is not None:
+        return _override["schedule"]
+    return _parse_schedule(os.environ.get("MINITORCH_GX_EMU_SCHEDULE", "forward"),
+                           "MINITORCH_GX_EMU_SCHEDULE")
+
+
+@contextlib.contextmanager
+def checks(*names):
+    """Inside the block launches run these checks: ``checks()`` or
+    ``checks(False)`` none, ``checks("all")``, ``checks("memcheck", "initcheck")``."""
+    spec = names[0] if len(names) == 1 and isinstance(names[0], bool) else \
+        (",".join(names) if names else False)
+    saved, _override["checks"] = _override["checks"], _parse_checks(spec, "checks()")
+    try:
+        yield
+    finally:
+        _override["checks"] = saved
+
+
+@contextlib.contextmanager
+def schedule(order, seed=0):
+    """Inside the block threads between barriers (and blocks) run in this
+    order: "forward" (index order), "reverse", or "random" (seeded)."""
+    saved, _override["schedule"] = _override["schedule"], _parse_schedule(order, "schedule()")
+    _override["schedule"] = (_override["schedule"][0], int(seed))
+    try:
+        yield
+    finally:
+        _override["schedule"] = saved
 
 
 # --------------------------------------------------------------------------
-# Building and caching: the runtime (cuda_emu_runtime.cpp) is compiled once
-# into an object file; each .cu becomes a .so linked with it. Both are cached
-# under a hash of everything that went into them.
+# Building and caching: the runtime (cuda_emu_runtime.cpp and the sanitizer,
+# cuda_emu_sanitizer.cpp) is compiled once into object files; each .cu becomes
+# a .so linked with them. All are cached under a hash of what went into them.
 # --------------------------------------------------------------------------
 CXX = os.environ.get("CXX", "g++")
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-pthread", "-fvisibility=hidden",
             "-Wno-unknown-pragmas"]
+_RUNTIME_SOURCES = ("cuda_emu_runtime.cpp", "cuda_emu_sanitizer.cpp")
+_HEADERS = ("cuda_emu.h", "cuda_emu_checked.h", "cuda_emu_internal.h")
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,15 +205,17 @@ def _compile(cmd, target, what):
 
 
 @functools.lru_cache(maxsize=None)
-def _runtime_object():
+def _runtime_objects():
     emu = kernel_dir() / "emu"
-    source = emu / "cuda_emu_runtime.cpp"
-    key = _hash(source.read_text(), (emu / "cuda_emu.h").read_text(), " ".join(CXXFLAGS),
-                _compiler_version())
-    obj = cache_dir() / f"cuda_emu_runtime-{key}.o"
-    if not obj.exists():
-        _compile([CXX, *CXXFLAGS, "-c", str(source), "-I", str(emu)], obj, source.name)
-    return obj
+    texts = [(emu / f).read_text() for f in _RUNTIME_SOURCES + _HEADERS]
+    key = _hash(*texts, " ".join(CXXFLAGS), _compiler_version())
+    objects = []
+    for source in _RUNTIME_SOURCES:
+        obj = cache_dir() / f"{Path(source).stem}-{key}.o"
+        if not obj.exists():
+            _compile([CXX, *CXXFLAGS, "-c", str(emu / source), "-I", str(emu)], obj, source)
+        objects.append(obj)
+    return tuple(objects)
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,7 +232,7 @@ def build(file, defines=()):
 def prebuild(specs, jobs=None):
     """Build several (file, defines) at once, one g++ process per core; later
     ``build`` calls find them in the cache."""
-    _runtime_object()
+    _runtime_objects()
     specs = list(dict.fromkeys((f, tuple(d)) for f, d in specs))
     with concurrent.futures.ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
         list(pool.map(lambda spec: build(*spec), specs))
@@ -178,18 +240,23 @@ def prebuild(specs, jobs=None):
 
 def build_source(source, filename="<kernel>.cu", defines=()):
     """Compile CUDA C source text for the emulator (for tests of the emulator itself)."""
-    header = kernel_dir() / "emu" / "cuda_emu.h"
-    runtime = _runtime_object()
-    text, names = translate(source, filename)
+    emu = kernel_dir() / "emu"
+    header = emu / "cuda_emu.h"
+    runtime = _runtime_objects()
+    try:
+        text, kernels = translate(source, filename)
+    except TranslationError as e:
+        raise EmuError(str(e)) from None
     flags = CXXFLAGS + [f"-D{k}={v}" for k, v in defines]
-    key = _hash(text, header.read_text(), runtime.name, " ".join(flags), _compiler_version())
+    key = _hash(text, *((emu / h).read_text() for h in _HEADERS), *(o.name for o in runtime),
+                " ".join(flags), _compiler_version())
     so = cache_dir() / f"{Path(filename).stem}-{key}.so"
     if not so.exists():
         cpp = so.with_suffix(".cpp")
         cpp.write_text(text)
-        _compile([CXX, *flags, "-shared", "-include", str(header), str(cpp), str(runtime)], so,
-                 filename)
-    return Module(so, names)
+        _compile([CXX, *flags, "-shared", "-include", str(header), str(cpp),
+                  *map(str, runtime)], so, filename)
+    return Module(so, list(kernels), filename)
 
 
 # --------------------------------------------------------------------------
@@ -205,6 +272,18 @@ _CTYPE = {"f": ctypes.c_float, "d": ctypes.c_double, "i": ctypes.c_int32, "I": c
           "o": ctypes.c_bool}
 
 
+class _ArgInfo(ctypes.Structure):  # emu::ArgInfo in cuda_emu.h
+    _fields_ = [("bytes", ctypes.c_uint64), ("itemsize", ctypes.c_uint64),
+                ("init", ctypes.c_void_p), ("name", ctypes.c_char_p), ("type", ctypes.c_char_p),
+                ("same_as", ctypes.c_int), ("pad", ctypes.c_int)]
+
+
+class _Options(ctypes.Structure):  # emu::Options in cuda_emu.h
+    _fields_ = [("workers", ctypes.c_int), ("checks", ctypes.c_uint), ("schedule", ctypes.c_int),
+                ("pad", ctypes.c_int), ("seed", ctypes.c_uint64), ("kernel", ctypes.c_char_p),
+                ("file", ctypes.c_char_p)]
+
+
 def _default_workers():
     return int(os.environ.get("MINITORCH_GX_EMU_WORKERS", min(2, os.cpu_count() or 1)))
 
@@ -212,44 +291,69 @@ def _default_workers():
 class Module:
     """A built .cu file: ``launch(name, grid, block, args, shared_mem=0)``."""
 
-    def __init__(self, so_path, names):
+    def __init__(self, so_path, names, filename="<kernel>.cu"):
         self.path = so_path
+        self.filename = filename
         self.lib = ctypes.CDLL(str(so_path))
         self.kernels = {}
         for name in names:
             sig = getattr(self.lib, f"emu_signature_{name}")
-            sig.restype = ctypes.c_char_p
+            params = getattr(self.lib, f"emu_parameters_{name}")
+            sig.restype = params.restype = ctypes.c_char_p
             fn = getattr(self.lib, f"emu_launch_{name}")
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.c_ulonglong, ctypes.c_ulonglong,
-                           ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_char_p,
-                           ctypes.c_int]
-            codes = sig().decode().rstrip(",").split(",")
-            self.kernels[name] = (fn, [c for c in codes if c])
+                           ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(_ArgInfo),
+                           ctypes.POINTER(_Options), ctypes.c_char_p, ctypes.c_int]
+            codes = [c for c in sig().decode().rstrip(",").split(",") if c]
+            self.kernels[name] = (fn, codes, params().decode().split(","))
 
     def signature(self, name):
         """The kernel's parameter types, e.g. ['pf', 'pf', 'i', 'f'] (p = pointer to)."""
         return list(self._kernel(name)[1])
+
+    def parameters(self, name):
+        """The kernel's parameter names, as in its source."""
+        return list(self._kernel(name)[2])
 
     def _kernel(self, name):
         if name not in self.kernels:
             raise EmuError(f"no kernel {name!r} in {self.path.name}; it has {sorted(self.kernels)}")
         return self.kernels[name]
 
-    def launch(self, name, grid, block, args, shared_mem=0, workers=None, stack_bytes=None):
-        fn, codes = self._kernel(name)
+    def launch(self, name, grid, block, args, shared_mem=0, workers=None, stack_bytes=None,
+               checks=None, schedule=None, seed=None):
+        """Run kernel ``name``. checks: names from CHECKS (default: ``enabled_checks()``);
+        schedule, seed: as ``emulator.schedule`` (default: ``current_schedule()``)."""
+        fn, codes, params = self._kernel(name)
         if len(args) != len(codes):
             raise EmuError(f"{name} takes {len(codes)} arguments, {len(args)} were given")
+        enabled = enabled_checks() if checks is None else _parse_checks(checks, "checks=")
+        order, default_seed = current_schedule() if schedule is None else \
+            _parse_schedule(schedule, "schedule=")
         keep, pointers = [], (ctypes.c_void_p * max(1, len(args)))()
+        info = (_ArgInfo * max(1, len(args)))()
         for i, (a, code) in enumerate(zip(args, codes)):
             value = _marshal(name, i, a, code)
             keep.append(value)
             pointers[i] = ctypes.addressof(value)
+            if code.startswith("p"):
+                _describe_array(info, i, a, args, params[i], name, "initcheck" in enabled)
+        options = _Options(workers=_default_workers() if workers is None else workers,
+                           checks=sum(_CHECK_BITS[c] for c in enabled),
+                           schedule=SCHEDULES.index(order),
+                           seed=default_seed if seed is None else int(seed),
+                           kernel=name.encode(), file=self.filename.encode())
         dims = (ctypes.c_uint * 6)(*_dim3(grid), *_dim3(block))
-        err = ctypes.create_string_buffer(1024)
-        workers = _default_workers() if workers is None else workers
+        err = ctypes.create_string_buffer(2048)
         stack = stack_bytes or int(os.environ.get("MINITORCH_GX_EMU_STACK", 64 * 1024))
-        if fn(dims, int(shared_mem), stack, pointers, workers, err, len(err)):
+        failed = fn(dims, int(shared_mem), stack, pointers, info, ctypes.byref(options), err,
+                    len(err))
+        if "initcheck" not in enabled:  # writes went unrecorded: count the arrays as written
+            for a in args:
+                if isinstance(a, numpy.ndarray):
+                    _forget_shadow(a)
+        if failed:
             raise EmuError(f"{name}<<<{tuple(_dim3(grid))}, {tuple(_dim3(block))}>>>: "
                            f"{err.value.decode()}")
         for i, a in enumerate(args):
@@ -283,8 +387,22 @@ def _marshal(kernel, i, a, code):
     return _CTYPE[code](a.item())
 
 
+def _describe_array(info, i, a, args, param, kernel, initcheck):
+    """Fill info[i] for pointer argument a: its extent, name and initcheck shadow."""
+    info[i].bytes, info[i].itemsize = a.nbytes, a.itemsize
+    info[i].name, info[i].type = param.encode(), str(a.dtype).encode()  # ctypes keeps them
+    info[i].same_as = next((j for j, b in enumerate(args[:i]) if isinstance(b, numpy.ndarray)
+                            and b.ctypes.data == a.ctypes.data and b.nbytes == a.nbytes), -1)
+    shadow, offset = _shadow_of(a)
+    if shadow is not None:
+        shadow.launches[(kernel, param)] = None
+        if initcheck:
+            info[i].init = shadow.written.ctypes.data + offset
+
+
 # --------------------------------------------------------------------------
-# Arrays with guard zones, so that out-of-bounds writes are caught.
+# Arrays with guard zones, so that out-of-bounds writes are caught even with
+# the checks off, and with initcheck shadows.
 # --------------------------------------------------------------------------
 GUARD = 4096  # bytes of 0xFF before and after every array the emulator allocates
 _guarded = weakref.WeakValueDictionary()  # id(buffer) -> buffer
@@ -306,24 +424,66 @@ def _check_guards(kernel, i, a):
         raise EmuError(f"{kernel} wrote outside the bounds of argument {i} (shape {a.shape})")
 
 
+class _Shadow:
+    """Which bytes of an ``EmuDevice.empty`` buffer have been written, by the
+    kernels (through ArgInfo.init) or by host code that said so (mark_written)."""
+
+    def __init__(self, start, nbytes):
+        self.start = start                        # address of the buffer's first byte
+        self.written = numpy.zeros(nbytes, numpy.uint8)
+        self.launches = {}                        # (kernel, parameter) that took it, in order
+
+
+_shadows = {}  # id(guarded buffer) -> _Shadow, while the buffer lives
+
+
+def _shadow_of(a):
+    """(the _Shadow of the empty() buffer a views, a's byte offset in it), or (None, 0)."""
+    root = _root(a)
+    shadow = _shadows.get(id(root))
+    if shadow is None or _guarded.get(id(root)) is not root:
+        return None, 0
+    return shadow, a.ctypes.data - shadow.start
+
+
+def _shadow_bytes(shadow, offset, a):
+    """The shadow bytes of view a, shaped a.shape + (itemsize,) (any strides)."""
+    return numpy.lib.stride_tricks.as_strided(shadow.written[offset:],
+                                              a.shape + (a.itemsize,), a.strides + (1,))
+
+
+def _forget_shadow(a):
+    """From now on every byte of a's buffer counts as written."""
+    _shadows.pop(id(_root(a)), None)
+
+
 class EmuDevice:
-    """The launchers' view of the emulator: NumPy arrays, kernels run on the CPU."""
+    """The launchers' view of the emulator: NumPy arrays, kernels run on the CPU.
+
+    Host code that fills an ``empty()`` array itself (instead of a kernel)
+    says so with ``mark_written``, or initcheck reports the kernel that reads
+    it; ``zeros()`` and ``input()`` arrays are written from the start, and so
+    is every array the emulator did not allocate."""
 
     xp = numpy
     name = "emulator"
 
     def empty(self, shape, dtype):
-        """A new array whose unwritten elements read as NaN (0xFF bytes), with guard zones."""
+        """A new array whose unwritten elements read as NaN (0xFF bytes), with
+        guard zones and an initcheck shadow: nothing written yet."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         dtype = numpy.dtype(dtype)
         nbytes = int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize
         buf = numpy.full(nbytes + 2 * GUARD, 0xFF, dtype=numpy.uint8)
         _guarded[id(buf)] = buf
+        _shadows[id(buf)] = _Shadow(buf.ctypes.data + GUARD, nbytes)
+        weakref.finalize(buf, _shadows.pop, id(buf), None)
         return buf[GUARD:GUARD + nbytes].view(dtype).reshape(shape)
 
     def zeros(self, shape, dtype):
         a = self.empty(shape, dtype)
         a[...] = 0
+        _forget_shadow(a)
         return a
 
     def input(self, a, dtype):
@@ -331,7 +491,39 @@ class EmuDevice:
         a = numpy.asarray(a)
         out = self.empty(a.shape, dtype)
         out[...] = a
+        _forget_shadow(out)
         return out
+
+    def mark_written(self, *arrays):
+        """Host code wrote these (views of) ``empty()`` arrays."""
+        for a in arrays:
+            shadow, offset = _shadow_of(a)
+            if shadow is not None:
+                _shadow_bytes(shadow, offset, a)[...] = 1
+
+    def check_written(self, *arrays):
+        """initcheck for a launcher's outputs: every element of each ``empty()``
+        array was written by the launches that should fill it."""
+        if "initcheck" not in enabled_checks():
+            return
+        for a in arrays:
+            shadow, offset = _shadow_of(a)
+            if shadow is None or a.size == 0:
+                continue
+            done = _shadow_bytes(shadow, offset, a).all(-1)
+            if done.all():
+                continue
+            missing = numpy.flatnonzero(~done)
+            first = ", ".join(str(int(i)) for i in numpy.unravel_index(missing[0], a.shape))
+            counts = f"{missing.size} of the {a.size} elements"
+            if not shadow.launches:
+                raise EmuError(f"initcheck: no kernel wrote {counts} of this {a.shape} {a.dtype} "
+                               f"array from EmuDevice.empty (no launch took it); the first is "
+                               f"[{first}] (flat index {missing[0]})")
+            took = ", ".join(f"{k} (parameter {p})" for k, p in shadow.launches)
+            param = list(shadow.launches)[-1][1]
+            raise EmuError(f"initcheck: {took} left {counts} of {param} {a.shape} {a.dtype} "
+                           f"unwritten; the first is {param}[{first}] (flat index {missing[0]})")
 
     def launch(self, file, kernel, grid, block, args, shared_mem=0, defines=()):
         build(file, tuple(defines)).launch(kernel, grid, block, args, shared_mem)

@@ -6,7 +6,8 @@ inference forward and backward.
 import numpy
 
 from .device import LAUNCH, blocks as _blocks, check_size as _check_size
-from .device import defines as _defines, device_for, inplace as _inplace
+from .device import check_threads as _check_threads, defines as _defines, device_for
+from .device import inplace as _inplace
 from .device import write_back as _write_back
 
 _i32 = numpy.int32
@@ -29,7 +30,8 @@ def _bn_splits(m, c):
 
 
 def _bn_launch(dev, kernel, grid, args, dtype):
-    dev.launch("batch_norm.cu", kernel, grid, (LAUNCH["BN_THREADS"],), args,
+    threads = _check_threads("BN_THREADS", "batch_norm.cu")  # the reduce kernels trap on others
+    dev.launch("batch_norm.cu", kernel, grid, (threads,), args,
                defines=_defines(dtype, "BN_THREADS"))
 
 
@@ -66,6 +68,7 @@ def batch_norm_train_forward(x, gamma, beta, eps, relu, running_mean=None, runni
     y = dev.empty(x.shape, dtype)
     _bn_launch(dev, "bn_fwd_apply", (splits, c), [x, y, scale, shift, _i32(n), _i32(c), _i32(hw),
                                                   _i32(splits), _i32(bool(relu))], dtype)
+    dev.check_written(y, mean, invstd)
     return y, mean, invstd
 
 
@@ -87,6 +90,7 @@ def _bn_backward(dev, gy, x, y, gamma, mean, invstd, relu, inv_count):
     _bn_launch(dev, "bn_bwd_apply", (splits, c), [gy, x, y, mean, invstd, gamma, ggamma, gbeta,
                                                   gx] + dims + [dtype.type(inv_count),
                                                                 _i32(bool(relu))], dtype)
+    dev.check_written(gx, ggamma, gbeta)
     return gx, ggamma, gbeta
 
 
@@ -105,6 +109,7 @@ def _bn_prepare(dev, dtype, c, gamma, beta, running_mean, running_var, eps):
     _bn_launch(dev, "bn_infer_prepare", (_blocks(c, LAUNCH["BN_THREADS"]),),
                [gamma, beta, running_mean, running_var, dtype.type(eps), _i32(c), invstd, scale,
                 shift], dtype)
+    dev.check_written(invstd, scale, shift)
     return invstd, scale, shift
 
 
@@ -118,6 +123,7 @@ def batch_norm_infer_forward(x, gamma, beta, running_mean, running_var, eps, rel
     y = dev.empty(x.shape, dtype)
     _bn_launch(dev, "bn_fwd_apply", (splits, c), [x, y, scale, shift, _i32(n), _i32(c), _i32(hw),
                                                   _i32(splits), _i32(bool(relu))], dtype)
+    dev.check_written(y)
     return y
 
 

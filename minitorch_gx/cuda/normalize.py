@@ -28,4 +28,5 @@ def normalize_images(images, mean, std, dtype):
     if n and h * w:
         dev.launch("normalize.cu", "normalize_u8_nhwc", (_blocks(h * w, threads), n), (threads,),
                    [images, x, *means, *stds, _i64(h * w)], defines=_defines(dtype, "EW_THREADS"))
+        dev.check_written(x)
     return x

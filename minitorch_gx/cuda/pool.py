@@ -38,6 +38,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding):
     threads = LAUNCH["POOL_THREADS"]
     dev.launch("max_pool.cu", "max_pool2d_fwd", (_blocks(y.size, threads),), (threads,),
                [x, y, argmax] + [_i32(v) for v in geo], defines=_defines(dtype, "POOL_THREADS"))
+    dev.check_written(y, argmax)
     return y, argmax
 
 
@@ -51,4 +52,5 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride, padding):
     threads = LAUNCH["POOL_THREADS"]
     dev.launch("max_pool.cu", "max_pool2d_bwd", (_blocks(gx.size, threads),), (threads,),
                [gy, argmax, gx] + [_i32(v) for v in geo], defines=_defines(dtype, "POOL_THREADS"))
+    dev.check_written(gx)
     return gx

@@ -208,16 +208,19 @@ def test_atomics_are_exact_across_workers(mod, dev, workers):
 
 
 def test_shared_memory_is_fresh_and_poisoned_per_block(mod, dev):
+    """(With initcheck, the read of block 1 is reported: tests/cuda/test_sanitizer.py.)"""
     y = dev.empty(128, numpy.float32)
-    mod.launch("read_unwritten_shared", 2, 64, [y], workers=1)
+    mod.launch("read_unwritten_shared", 2, 64, [y], workers=1, checks="memcheck,racecheck")
     assert (y[:64] == 1).all()
     assert numpy.isnan(y[64:]).all()  # block 1 did not inherit block 0's values
 
 
 def test_out_of_bounds_write_is_caught(mod, dev):
     y = dev.empty(10, numpy.float32)
-    with pytest.raises(emulator.EmuError, match="outside the bounds of argument 0"):
+    with pytest.raises(emulator.EmuError, match=r"memcheck: .* writes y\[10\] .*: outside y"):
         mod.launch("write_past_end", 1, 4, [y, numpy.int32(10)])
+    with pytest.raises(emulator.EmuError, match="outside the bounds of argument 0"):
+        mod.launch("write_past_end", 1, 4, [y, numpy.int32(10)], checks=False)  # guard zones
 
 
 def test_3d_launch_coordinates(mod, dev):
@@ -259,13 +262,46 @@ def test_launches_the_gpu_would_refuse_fail(mod, dev):
         mod.launch("block_reverse", (1, 70000), 32, [y, y])
 
 
-def test_translate_rewrites_shared_declarations():
-    text, names = emulator.translate(
-        'extern "C" __global__ void k(float* y) {\n'
+def test_translate_rewrites_shared_declarations_and_pointers():
+    text, kernels = emulator.translate(
+        'typedef float real;\n'
+        'extern "C" __global__ void k(const real* __restrict__ x, unsigned char* y, int n) {\n'
         '    __shared__ float tile[8][33];\n'
         '    extern __shared__ double dyn[];\n'
+        '    const real* row = x + n;\n'
+        '    float v = n > 0 ? row[0] : 0;\n'
         '}\n', "k.cu")
-    assert names == ["k"]
-    assert "auto& tile = emu::shared_var<float[8][33]>(0);" in text
-    assert "double* dyn = emu::dynamic_shared<double>();" in text
-    assert "__shared__" not in text.split("// ---- emulator entry points")[0]
+    assert kernels == {"k": ["x", "y", "n"]}
+    body = text.split("// ---- emulator entry points")[0]
+    assert "k(emu::ptr<const real> x, emu::ptr<unsigned char> y, int n)" in body
+    assert ('emu::arr<float[8][33]> tile = emu::shared_array<float[8][33]>(0, "tile", "float");'
+            in body)
+    assert 'emu::ptr<double> dyn = emu::dynamic_shared<double>("dyn", "double");' in body
+    assert "emu::ptr<const real> row = x + n;" in body
+    assert "n > 0 ? emu::val( row[0] ) : emu::val( 0);" in body
+    assert "__shared__" not in body
+    # the lines of the source stay where they were (body line 0 is the #line directive)
+    assert body.splitlines().index("    emu::ptr<const real> row = x + n;") == 5
+
+
+VALUES = r"""
+// A checked reference (what p[i] returns) must behave as the value it reads.
+extern "C" __global__ void values(const float* x, float* y, int* z) {
+    int i = threadIdx.x;
+    y[i] = i % 2 ? x[i] : 0;        // a float, not truncated to the 0's int
+    auto v = y[i];                  // a copy, not an alias of y[i]
+    y[i] = -1.f;
+    y[i] += v + (x[i] > 0.25f ? 1 : 2);
+    z[i] = z[i]++ + ++z[i];         // (unsequenced in C++ before 17; fine here)
+    atomicAdd(&z[i], 10);
+}
+"""
+
+
+def test_checked_references_behave_as_values(dev):
+    mod = emulator.build_source(VALUES, "values.cu")
+    x = dev.input(numpy.full(4, 0.5), numpy.float32)
+    y, z = dev.empty(4, numpy.float32), dev.zeros(4, numpy.int32)
+    mod.launch("values", 1, 4, [x, y, z])
+    numpy.testing.assert_array_equal(y, [-1 + 0 + 1, -1 + 0.5 + 1, 0, 0.5])
+    numpy.testing.assert_array_equal(z, [0 + 2 + 10] * 4)

@@ -5,7 +5,14 @@
 
 gets its emulator builds compiled at once (one g++ per core) before its first
 emulated case, and a ``block_size`` fixture running each test at every entry
-of BLOCK_SIZES (compile-time ``LAUNCH`` shapes)."""
+of BLOCK_SIZES (compile-time ``LAUNCH`` shapes).
+
+Every emulated case runs with all the emulator's checks (memcheck, racecheck,
+initcheck, synccheck: the default) and under one of its schedules, index
+order, reversed or seeded random, picked from the test's id, so that the
+cases of each kernel together run it in every order."""
+import zlib
+
 import numpy
 import pytest
 
@@ -25,10 +32,15 @@ def _emulator_builds(request):
 
 
 @pytest.fixture(autouse=True)
-def _prebuild_when_emulated(request):
+def _prebuild_and_schedule_when_emulated(request):
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("impl") == "emulated":
-        request.getfixturevalue("_emulator_builds")
+    if callspec is None or callspec.params.get("impl") != "emulated":
+        yield
+        return
+    request.getfixturevalue("_emulator_builds")
+    crc = zlib.crc32(request.node.nodeid.encode())
+    with emulator.schedule(emulator.SCHEDULES[crc % len(emulator.SCHEDULES)], seed=crc):
+        yield
 
 
 def pytest_generate_tests(metafunc):

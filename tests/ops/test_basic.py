@@ -18,7 +18,7 @@ from minitorch_gx.cuda import emulator
 from minitorch_gx.ops.basic import (AddReLU, _add_relu_forward_fast, add_relu_forward_reference,
                                     relu_backward_reference)
 from tests.backends import (count_calls, IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, host, launch_shapes,
-                            needs_emulator, needs_gpu, run_on)
+                            needs_emulator, needs_gpu, run_on, same_bits_under_every_schedule)
 
 
 def leaf(shape, seed=0, dtype=np.float64):
@@ -267,6 +267,20 @@ def test_add_relu_kernels_match_reference(impl, shape, dtype, threads):
     np.testing.assert_array_equal(host(y), np.maximum(a + b, 0))
     np.testing.assert_array_equal(host(gx), relu_backward_reference(gy, y_ref))
     np.testing.assert_array_equal(host(gx), gy * (a + b > 0))
+
+
+@needs_emulator
+@pytest.mark.parametrize("shape,dtype,threads", [((3, 5, 7), np.float32, 64),
+                                                 ((2, 3, 11, 13), np.float64, 256)])
+def test_add_relu_kernels_give_the_same_bits_under_every_schedule(shape, dtype, threads):
+    a, b, gy = add_relu_data(shape, dtype, seed=5)
+
+    def run():
+        y = cuda_elementwise.add_relu_forward(a, b)
+        return y, cuda_elementwise.relu_backward(gy, y)
+
+    with launch_shapes(EW_THREADS=threads):
+        same_bits_under_every_schedule(run, f"add_relu {shape}")
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)

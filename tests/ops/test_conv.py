@@ -4,8 +4,9 @@
 2. float64 gradients by finite differences (fast and reference paths);
 3. the NumPy fast path == the im2col reference, also cut into batch chunks;
 4. the CUDA kernels (launchers of minitorch_gx.cuda.conv) against the
-   reference, through the CPU emulator and on a GPU when there is one, at
-   several block sizes, in float32 and float64;
+   reference, through the CPU emulator (every check on, under every schedule)
+   and on a GPU when there is one, at several block sizes, in float32 and
+   float64, at every group width of ResNeXt50 (4, 8, 16, 32 channels);
 5. op-level wiring: conv2d through the kernels (``run_on("emulated")`` /
    CuPy) equals the fast path, and ``backend.choose`` never sends NumPy
    arrays to a launcher outside ``emulate_kernels()``;
@@ -25,7 +26,8 @@ from minitorch_gx.cuda import emulator
 from minitorch_gx.functional import conv2d
 from minitorch_gx.ops import conv
 from tests.backends import (IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, assert_close, host,
-                            needs_emulator, needs_gpu, run_on, scaled)
+                            launch_shapes, needs_emulator, needs_gpu, run_on,
+                            same_bits_under_every_schedule, scaled)
 
 KERNEL_FILES = ("grouped_conv.cu", "grouped_conv_bwd_weight.cu")  # see tests/ops/conftest.py
 # Block sizes the kernels are run at (compile-time LAUNCH entries).
@@ -231,6 +233,19 @@ CONV_CASES = [
     (1, 4, 3, 3, 4, 1, 5, 5, 1, 2),              # filter larger than the image
     (2, 64, 13, 11, 64, 8, 3, 3, 2, 1),          # 8 groups of 8, stride 2
     (2, 256, 9, 9, 256, 32, 3, 3, 1, 1),         # 32 groups of 8
+    (2, 64, 7, 9, 64, 4, 3, 3, 1, 1),            # 16 per group, odd sizes
+    (1, 64, 7, 5, 64, 2, 3, 3, 2, 1),            # 32 per group, stride 2, odd sizes
+    (3, 16, 11, 5, 16, 4, 3, 3, 2, 1),           # 4 per group, stride 2, odd sizes
+]
+# float64, one case per ResNeXt50 group width (4, 8, 16, 32 channels), odd
+# sizes, stride 1 and 2, tail tiles in both directions
+CONV_CASES_FLOAT64 = [
+    (1, 16, 7, 5, 16, 4, 3, 3, 2, 1),            # 4 per group, stride 2
+    (1, 16, 6, 7, 16, 2, 3, 3, 1, 1),            # 8 per group
+    (1, 32, 5, 7, 32, 2, 3, 3, 2, 1),            # 16 per group, stride 2
+    (1, 64, 5, 5, 64, 2, 3, 3, 1, 1),            # 32 per group
+    CONV_CASES[1],                               # stride 2, 3 per group
+    CONV_CASES[7],                               # Kg = 40: two row tiles; 1x5 filter
 ]
 # ResNeXt50's own shapes (batch 4 keeps the float64 host references to a few
 # seconds): GPU only, far too slow for the emulator.
@@ -298,7 +313,7 @@ def test_conv_kernels_at_resnext50_shapes(impl, case):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[7]], ids=["stride2", "wide"])
+@pytest.mark.parametrize("case", CONV_CASES_FLOAT64, ids=_case_id)
 def test_conv_kernels_float64(impl, case):
     x, W, gy, y_ref = _conv_data(case, numpy.float64, seed=3)
     g, stride, padding = case[5], case[8], case[9]
@@ -312,6 +327,36 @@ def test_conv_kernels_float64(impl, case):
     assert_close(y, y_ref, 1e-12, 1e-12, "forward")
     assert_close(gx, gx_ref, 1e-12, 1e-12, "backward data")
     assert_close(gW, gW_ref, 1e-12, 1e-11, "backward weight")
+
+
+@needs_emulator
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[6],
+                                  CONV_CASES_FLOAT64[2]], ids=_case_id)
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_conv_kernels_give_the_same_bits_under_every_schedule(case, dtype, block_size):
+    """On these small shapes each element of gW gets at most two atomicAdds
+    (weight-gradient splits <= 2) onto zero, and float addition commutes, so
+    even the weight gradient must not change with the order of threads."""
+    x, W, gy, _ = _conv_data(case, dtype, seed=8)
+    g, stride, padding = case[5], case[8], case[9]
+    same_bits_under_every_schedule(lambda: (
+        cuda_conv.conv2d_forward(x, W, stride, padding, g),
+        cuda_conv.conv2d_backward_data(gy, W, x.shape, stride, padding, g),
+        cuda_conv.conv2d_backward_weight(gy, x, W.shape, stride, padding, g)), f"conv {case}")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("threads,message", [
+    ({"CONV_THREADS": 96}, "grouped_conv.cu needs CONV_THREADS = a power of two from 32 to 256"),
+    ({"CONV_THREADS": 512}, "grouped_conv.cu needs CONV_THREADS = a power of two from 32 to 256"),
+    ({"WGRAD_THREADS": 48}, "grouped_conv_bwd_weight.cu needs WGRAD_THREADS = a multiple of 32"),
+])
+def test_conv_launchers_refuse_block_sizes_the_kernels_trap_on(impl, threads, message):
+    """Before the launch: a __trap on a GPU would end the CUDA context of the process."""
+    x, W = numpy.zeros((1, 4, 5, 5), numpy.float32), numpy.zeros((4, 2, 3, 3), numpy.float32)
+    with run_on(impl) as dev, launch_shapes(**threads), pytest.raises(ValueError, match=message):
+        cuda_conv.conv2d_forward(dev(x), dev(W), 1, 1, 2)
+        cuda_conv.conv2d_backward_weight(dev(x), dev(x), W.shape, 1, 1, 2)
 
 
 class _NoLaunch:

@@ -4,8 +4,9 @@ cross-entropy with the recipe's label smoothing, top-k accuracy.
 1. The reference (``softmax_cross_entropy_*_reference``) and the ops against
    naive per-sample sums, on every implementation; float64 gradients by
    finite differences; the reference == the fast path (one function today).
-2. The fused CUDA kernels (emulated at two block sizes, and CuPy) == the
-   reference; the op wired to its kernels.
+2. The fused CUDA kernels (emulated at two block sizes, every check on, under
+   every schedule, and CuPy) == the reference, in float32 and float64; the op
+   wired to its kernels; labels outside [0, K) refused before any launch.
 3. top-k accuracy on a hand-made example and against a sort (ties, non-finite
    rows: test_loss_metrics.py).
 """
@@ -15,12 +16,14 @@ import numpy as np
 import pytest
 
 import minitorch_gx as mt
-from minitorch_gx.cuda import loss as cuda_loss
+from minitorch_gx import backend
+from minitorch_gx.cuda import device as cuda_device, emulator, loss as cuda_loss
 from minitorch_gx.ops.loss import (accuracy, cross_entropy, log_softmax,
                                    softmax_cross_entropy_backward_reference,
                                    softmax_cross_entropy_forward_reference, topk_correct)
 from tests.backends import (count_calls, IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, assert_close, host,
-                            launch_shapes, needs_emulator, needs_gpu, run_on)
+                            launch_shapes, needs_emulator, needs_gpu, run_on,
+                            same_bits_under_every_schedule)
 
 
 def naive_log_softmax_row(row):
@@ -230,6 +233,101 @@ def test_softmax_cross_entropy_kernels_match_reference(impl, n, k, threads, scal
     # the saved log-sum-exp is the reference's: logits - logp, on every class
     assert_close(lse, (logits64 - logp)[:, 0], 1e-5, 1e-5, "log-sum-exp")
     assert_close(g, g_ref, 1e-5, grad_atol, "gradient of the logits")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("n,k", [(5, 7), (3, 300)])
+def test_softmax_cross_entropy_kernels_float64(impl, n, k):
+    rng = np.random.default_rng(7)
+    logits, labels = rng.standard_normal((n, k)) * 4, rng.integers(0, k, size=n)
+    gloss = rng.standard_normal(n)
+    loss_ref, logp = softmax_cross_entropy_forward_reference(logits, labels, 0.1)
+    g_ref = softmax_cross_entropy_backward_reference(logits, labels, logp, gloss, 0.1)
+    with run_on(impl) as dev:
+        loss, lse = cuda_loss.softmax_cross_entropy_forward(dev(logits), dev(labels), 0.1)
+        g = cuda_loss.softmax_cross_entropy_backward(dev(logits), dev(labels), lse, dev(gloss),
+                                                     0.1)
+    assert loss.dtype == g.dtype == np.float64
+    assert_close(loss, loss_ref, 1e-12, 1e-12, "loss")
+    assert_close(g, g_ref, 1e-12, 1e-14, "gradient of the logits")
+
+
+@needs_emulator
+@pytest.mark.parametrize("n,k,threads", [(5, 7, 256), (3, 1000, 64), (2, 33, 32)])
+def test_softmax_cross_entropy_kernels_give_the_same_bits_under_every_schedule(n, k, threads):
+    rng = np.random.default_rng(8)
+    logits = (rng.standard_normal((n, k)) * 3).astype(np.float32)
+    labels, gloss = rng.integers(0, k, size=n), rng.standard_normal(n).astype(np.float32)
+
+    def run():
+        loss, lse = cuda_loss.softmax_cross_entropy_forward(logits, labels, 0.1)
+        return loss, lse, cuda_loss.softmax_cross_entropy_backward(logits, labels, lse, gloss,
+                                                                   0.1)
+
+    with launch_shapes(XENT_THREADS=threads):
+        same_bits_under_every_schedule(run, f"softmax cross-entropy {n}x{k}")
+
+
+@pytest.mark.parametrize("bad", [-1, 7, 1000])
+@needs_emulator
+def test_softmax_cross_entropy_launchers_refuse_host_labels_outside_the_classes(bad):
+    """Host labels (the emulator's): checked before any launch, naming the label."""
+    logits = np.zeros((4, 7), np.float32)
+    labels = np.array([0, 6, bad, 2])
+    message = rf"labels\[2\] = {bad} is not a class index in \[0, 7\)"
+    with run_on("emulated") as dev:
+        with pytest.raises(ValueError, match=message):
+            cuda_loss.softmax_cross_entropy_forward(dev(logits), dev(labels), 0.1)
+        with pytest.raises(ValueError, match=message):
+            cuda_loss.softmax_cross_entropy_backward(dev(logits), dev(labels), dev(np.zeros(4)),
+                                                     dev(np.ones(4)), 0.1)
+        with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+            cuda_loss.softmax_cross_entropy_forward(dev(logits), dev(labels[:3]), 0.1)
+
+
+@needs_gpu
+def test_device_labels_outside_the_classes_give_nan_rows_without_a_host_read():
+    cupy = backend.cupy
+    logits, labels = cupy.zeros((3, 7), cupy.float32), cupy.asarray([1, 9, -2])
+    loss, lse = cuda_loss.softmax_cross_entropy_forward(logits, labels, 0.1)
+    assert numpy_isnan(loss).tolist() == [False, True, True]
+    gz = cuda_loss.softmax_cross_entropy_backward(logits, labels, lse, cupy.ones(3, cupy.float32),
+                                                  0.1)
+    assert numpy_isnan(gz).all(axis=1).tolist() == [False, True, True]
+
+
+def numpy_isnan(a):
+    return np.isnan(backend.to_numpy(a))
+
+
+@needs_emulator
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_a_bad_label_past_the_launcher_is_never_read_through_and_gives_nan(bad):
+    """Device labels are not checked on the host (that would wait for the
+    device): the kernels themselves never index the row with a bad label
+    (memcheck is on) and make that row's loss and gradient NaN."""
+    dev = emulator.device()
+    module = emulator.build("softmax_cross_entropy.cu",
+                            dict(cuda_device.builds())["softmax_cross_entropy.cu"])
+    z, labels = dev.input(np.zeros((2, 7)), np.float32), dev.input([3, bad], np.int64)
+    loss, lse = dev.empty(2, np.float32), dev.empty(2, np.float32)
+    module.launch("softmax_xent_fwd", 2, 256, [z, labels, loss, lse, np.int32(2), np.int32(7),
+                                               np.float32(1), np.float32(0)])
+    assert np.isfinite(loss[0]) and np.isnan(loss[1])
+    gz = dev.empty((2, 7), np.float32)
+    module.launch("softmax_xent_bwd", (1, 2), 256, [z, labels, lse, dev.input(np.ones(2), np.float32),
+                                                    gz, np.int32(2), np.int32(7), np.float32(1),
+                                                    np.float32(0)])
+    assert np.isfinite(gz[0]).all() and np.isnan(gz[1]).all()
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_softmax_cross_entropy_launcher_refuses_block_sizes_the_kernel_traps_on(impl):
+    """Before the launch: a __trap on a GPU would end the CUDA context of the process."""
+    with run_on(impl) as dev, launch_shapes(XENT_THREADS=48), pytest.raises(
+            ValueError, match="softmax_cross_entropy.cu needs XENT_THREADS = a multiple of 32"):
+        cuda_loss.softmax_cross_entropy_forward(dev(np.zeros((2, 3), np.float32)),
+                                                dev(np.array([0, 1])), 0.1)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)

@@ -9,8 +9,9 @@
    bn_fwd_finalize on the kernel path), against PyTorch's formula and
    ``update_running_reference``, on every implementation;
 5. the CUDA kernels (launchers of minitorch_gx.cuda.norm) against the
-   reference, through the CPU emulator and on a GPU when there is one, at
-   several block sizes; float32 variance far from zero;
+   reference, through the CPU emulator (every check on, under every schedule)
+   and on a GPU when there is one, at several block sizes, in float32 and
+   float64; float32 variance far from zero;
 6. op-level wiring: batch_norm through the kernels (``run_on("emulated")`` /
    CuPy) equals the fast path, saved state and running statistics included,
    and ``backend.choose`` never sends NumPy arrays to a launcher outside
@@ -29,7 +30,8 @@ from minitorch_gx.cuda import norm as cuda_norm
 from minitorch_gx.ops import norm
 from minitorch_gx.ops.norm import batch_norm
 from tests.backends import (IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, assert_close, host,
-                            launch_shapes, needs_gpu, run_on, scaled)
+                            launch_shapes, needs_emulator, needs_gpu, run_on,
+                            same_bits_under_every_schedule, scaled)
 
 KERNEL_FILES = ("batch_norm.cu",)  # emulator builds: tests/ops/conftest.py
 BLOCK_SIZES = {"default": {}, "128-threads": {"BN_THREADS": 128},
@@ -318,18 +320,25 @@ BN_TOL = {"emulated": {"mean": (1e-6, 1e-5), "var": (1e-5, 1e-5), "y": (1e-5, 1e
                        "grad": (1e-4, 2e-5)},
           "cupy": {"mean": (1e-4, 1e-4), "var": (1e-4, 1e-4), "y": (1e-4, 1e-4),
                    "grad": (1e-3, 1e-4)}}
+BN_TOL_FLOAT64 = {"mean": (1e-12, 1e-12), "var": (1e-11, 1e-11), "y": (1e-11, 1e-11),
+                  "grad": (1e-10, 1e-10)}
 
 
-def _check_kernels(impl, shape, relu, x_scale, x_offset, seed):
-    """Every launcher of cuda/norm.py on float32 data against the float64 reference."""
-    tol = BN_TOL[impl]
+def _bn_data(shape, x_scale, x_offset, seed, dtype):
     rng = np.random.default_rng(seed)
     c = shape[1]
-    x = (rng.standard_normal(shape) * x_scale + x_offset).astype(np.float32)
-    gamma, beta = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
-    gy = rng.standard_normal(shape).astype(np.float32)
-    rmean = rng.standard_normal(c).astype(np.float32)
-    rvar = (rng.random(c) + 0.5).astype(np.float32)
+    x = (rng.standard_normal(shape) * x_scale + x_offset).astype(dtype)
+    gamma, beta = (rng.standard_normal(c).astype(dtype) for _ in range(2))
+    gy = rng.standard_normal(shape).astype(dtype)
+    rmean = rng.standard_normal(c).astype(dtype)
+    rvar = (rng.random(c) + 0.5).astype(dtype)
+    return x, gamma, beta, gy, rmean, rvar
+
+
+def _check_kernels(impl, shape, relu, x_scale, x_offset, seed, dtype=np.float32):
+    """Every launcher of cuda/norm.py against the float64 reference."""
+    tol = BN_TOL[impl] if dtype == np.float32 else BN_TOL_FLOAT64
+    x, gamma, beta, gy, rmean, rvar = _bn_data(shape, x_scale, x_offset, seed, dtype)
     x64, gy64 = x.astype(np.float64), gy.astype(np.float64)
 
     with run_on(impl) as dev:
@@ -340,7 +349,7 @@ def _check_kernels(impl, shape, relu, x_scale, x_offset, seed):
         infer_grads = cuda_norm.batch_norm_infer_backward(gyd, xd, yi, gd, dev(rmean), dev(rvar),
                                                           1e-5, relu)
     for a in (y, mean, invstd, yi) + train_grads + infer_grads:
-        assert a.dtype == np.float32
+        assert a.dtype == dtype
 
     y_ref, mean_ref, invstd_ref = norm.batch_norm_train_forward_reference(x64, gamma, beta, 1e-5,
                                                                           relu)
@@ -369,6 +378,41 @@ def _check_kernels(impl, shape, relu, x_scale, x_offset, seed):
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 def test_batch_norm_kernels_match_reference(impl, shape, relu, block_size):
     _check_kernels(impl, shape, relu, x_scale=3, x_offset=5, seed=7)  # a mean far from 0
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", [BN_SHAPES[0], BN_SHAPES[1], BN_SHAPES[3]],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_batch_norm_kernels_float64(impl, shape, block_size):
+    _check_kernels(impl, shape, True, x_scale=3, x_offset=5, seed=8, dtype=np.float64)
+
+
+@needs_emulator
+@pytest.mark.parametrize("shape", [BN_SHAPES[0], BN_SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_kernels_give_the_same_bits_under_every_schedule(shape, dtype, block_size):
+    x, gamma, beta, gy, rmean, rvar = _bn_data(shape, 3, 5, 9, dtype)
+
+    def run():
+        rm, rv = rmean.copy(), rvar.copy()
+        y, mean, invstd = cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, True, rm, rv)
+        grads = cuda_norm.batch_norm_backward(gy, x, y, gamma, mean, invstd, True)
+        yi = cuda_norm.batch_norm_infer_forward(x, gamma, beta, rmean, rvar, 1e-5, False)
+        return (y, mean, invstd, rm, rv, yi) + grads + cuda_norm.batch_norm_infer_backward(
+            gy, x, yi, gamma, rmean, rvar, 1e-5, False)
+
+    same_bits_under_every_schedule(run, f"batch norm {shape}")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("threads", [48, 2048])
+def test_batch_norm_launchers_refuse_block_sizes_the_kernels_trap_on(impl, threads):
+    """Before the launch: a __trap on a GPU would end the CUDA context of the process."""
+    x, gamma, beta, *_ = _bn_data((2, 3, 4, 5), 1, 0, 0, np.float32)
+    with run_on(impl) as dev, launch_shapes(BN_THREADS=threads), \
+            pytest.raises(ValueError, match="batch_norm.cu needs BN_THREADS = a multiple of 32 "
+                                            f"up to 1024, got {threads}"):
+        cuda_norm.batch_norm_train_forward(dev(x), dev(gamma), dev(beta), 1e-5, False)
 
 
 @pytest.mark.parametrize("impl", [pytest.param("cupy", marks=needs_gpu)])

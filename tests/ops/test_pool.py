@@ -5,8 +5,9 @@
 2. The ops on every implementation against the same loops; float64 gradients
    by finite differences.
 3. The NumPy fast path == the reference.
-4. The max-pool CUDA kernels (emulated and CuPy) == the reference, at two
-   block sizes, with ties everywhere; the op wired to its kernels.
+4. The max-pool CUDA kernels (emulated, every check on, under every schedule,
+   and CuPy) == the reference, at two block sizes, in float32 and float64,
+   with ties everywhere; the op wired to its kernels.
 """
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from minitorch_gx.cuda import device as cuda_device, emulator, pool as cuda_pool
 from minitorch_gx.ops import pool
 from minitorch_gx.ops.pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from tests.backends import (count_calls, IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, assert_close, host,
-                            launch_shapes, needs_emulator, needs_gpu, run_on)
+                            launch_shapes, needs_emulator, needs_gpu, run_on,
+                            same_bits_under_every_schedule)
 
 # (N, C, H, W), kernel, stride, padding: odd sizes, batch 1 and 3, overlaps, leftovers
 GEOMETRIES = [
@@ -344,6 +346,41 @@ def test_max_pool_kernels_match_reference_with_ties(impl, shape, k, s, pad, top,
     if x.size < 10_000:  # the loops are too slow for the stem's shape
         np.testing.assert_array_equal(host(argmax), first_max_tap(x, host(y), k, s, pad))
     assert_close(gx, gx_ref, 1e-6, 1e-6, "max_pool2d backward")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape,k,s,pad", [_SMALL_POOLS[0], _SMALL_POOLS[3]],
+                         ids=["3x3s2p1", "2x3s1x2p1"])
+def test_max_pool_kernels_float64(impl, shape, k, s, pad):
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 4, size=shape).astype(np.float64) + rng.random(shape) * 1e-9
+    y_ref, argmax_ref = pool.max_pool2d_forward_reference(x, k, s, pad)
+    gy = rng.standard_normal(y_ref.shape)
+    with run_on(impl) as dev:
+        y, argmax = cuda_pool.max_pool2d_forward(dev(x), k, s, pad)
+        gx = cuda_pool.max_pool2d_backward(dev(gy), argmax, x.shape, k, s, pad)
+    assert y.dtype == gx.dtype == np.float64
+    np.testing.assert_array_equal(host(y), y_ref)
+    np.testing.assert_array_equal(host(argmax), argmax_ref)
+    assert_close(gx, pool.max_pool2d_backward_reference(gy, argmax_ref, x.shape, k, s, pad),
+                 1e-15, 1e-15, "max_pool2d backward")
+
+
+@needs_emulator
+@pytest.mark.parametrize("shape,k,s,pad", _SMALL_POOLS)
+@pytest.mark.parametrize("threads", [256, 32])
+def test_max_pool_kernels_give_the_same_bits_under_every_schedule(shape, k, s, pad, threads):
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 4, size=shape).astype(np.float32)
+    gy = rng.standard_normal(pool.max_pool2d_forward_reference(x, k, s, pad)[0].shape)
+
+    def run():
+        y, argmax = cuda_pool.max_pool2d_forward(x, k, s, pad)
+        return y, argmax, cuda_pool.max_pool2d_backward(gy.astype(np.float32), argmax, x.shape,
+                                                        k, s, pad)
+
+    with launch_shapes(POOL_THREADS=threads):
+        same_bits_under_every_schedule(run, f"max_pool2d {shape}")
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
