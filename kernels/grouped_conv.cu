@@ -6,6 +6,11 @@
 //   G groups, Cg = C / G input and Kg = K / G output channels per group
 //   R x S filter, stride (sh, sw), padding (ph, pw), RS = R * S
 //   x (N, C, H, W)   W (K, Cg, R, S)   y (N, K, P, Q)
+// Memory layout: each image plane (H x W) is contiguous; where plane (n, c)
+// starts is given by an image stride and a channel stride (elements), for x
+// and y separately: NCHW is (C*H*W, H*W), and CNHW -- the layout the GPU path
+// keeps activations in, so that a 1x1 convolution is one GEMM over N*H*W
+// columns (minitorch_gx/cuda/conv.py) -- is (H*W, N*H*W).
 //
 // Forward
 //   y[n, g*Kg+k, p, q] = sum_{c, r, s} W[g*Kg+k, c, r, s] * x[n, g*Cg+c, p*sh-ph+r, q*sw-pw+s]
@@ -70,17 +75,19 @@ typedef REAL real;
 
 struct ConvShape {
     int N, C, H, W, K, P, Q, G, R, S, sh, sw, ph, pw;
+    int src_sn, src_sc, dst_sn, dst_sc;  // image and channel strides of what is read / written
 };
 
 // The taps of one chunk of reduction rows, decoded once per block into shared
 // memory (two buffers: the next chunk's are written while this one computes).
-// Row i = (ch, r, s): off = ch*HWin (+ r*Win + s forward), -1 past the end.
+// Row i = (ch, r, s): off = ch*chan (+ r*Win + s forward), -1 past the end,
+// chan being the channel stride of the input.
 template <bool BACKWARD>
 __device__ __forceinline__ void decode_taps(int (*tab)[BK_MAX], int i0, int BK, int I, int RS,
-                                            int S, int HWin, int Win) {
+                                            int S, int chan, int Win) {
     for (int row = threadIdx.x; row < BK; row += CONV_THREADS) {
         int i = i0 + row, ch = i / RS, r = (i - ch * RS) / S, s = i - ch * RS - r * S;
-        tab[0][row] = i < I ? ch * HWin + (BACKWARD ? 0 : r * Win + s) : -1;
+        tab[0][row] = i < I ? ch * chan + (BACKWARD ? 0 : r * Win + s) : -1;
         tab[1][row] = r;
         tab[2][row] = s;
     }
@@ -98,9 +105,9 @@ __device__ void conv_gemm(const real* __restrict__ src, const real* __restrict__
     // and writes gx (C, H, W). "in" is what is gathered, "out" what is written.
     const int M = BACKWARD ? Cg : Kg;                   // channels per group written
     const int Min = BACKWARD ? Kg : Cg;                 // channels per group read
-    const int Cin = BACKWARD ? d.K : d.C, Hin = BACKWARD ? d.P : d.H, Win = BACKWARD ? d.Q : d.W;
-    const int Cout = BACKWARD ? d.C : d.K, Hout = BACKWARD ? d.H : d.P, Wout = BACKWARD ? d.W : d.Q;
-    const int HWout = Hout * Wout, HWin = Hin * Win;
+    const int Hin = BACKWARD ? d.P : d.H, Win = BACKWARD ? d.Q : d.W;
+    const int Hout = BACKWARD ? d.H : d.P, Wout = BACKWARD ? d.W : d.Q;
+    const int HWout = Hout * Wout;
     const int J = d.N * HWout, I = Min * RS;
 
     if (blockDim.x != CONV_THREADS) __trap();  // the tile geometry is compiled for this size
@@ -131,7 +138,8 @@ __device__ void conv_gemm(const real* __restrict__ src, const real* __restrict__
         int a = ab / Wout, b = ab - (ab / Wout) * Wout;
         col_a[v] = BACKWARD ? a + d.ph : a * d.sh - d.ph;
         col_b[v] = BACKWARD ? b + d.pw : b * d.sw - d.pw;
-        col_base[v] = (n * Cin + g * Min) * HWin + (BACKWARD ? 0 : col_a[v] * Win + col_b[v]);
+        col_base[v] = n * d.src_sn + g * Min * d.src_sc +
+                      (BACKWARD ? 0 : col_a[v] * Win + col_b[v]);
     }
     const bool unit_stride = d.sh == 1 && d.sw == 1;
 
@@ -141,7 +149,7 @@ __device__ void conv_gemm(const real* __restrict__ src, const real* __restrict__
 #pragma unroll
         for (int v = 0; v < TN; ++v) acc[u][v] = 0;
 
-    decode_taps<BACKWARD>(taps[0], 0, BK, I, RS, d.S, HWin, Win);
+    decode_taps<BACKWARD>(taps[0], 0, BK, I, RS, d.S, d.src_sc, Win);
     __syncthreads();
     for (int i0 = 0, buf = 0; i0 < I; i0 += BK, buf ^= 1) {
         // Weight tile As[row][m] = A[m0+m][i0+row]: consecutive threads read
@@ -187,7 +195,8 @@ __device__ void conv_gemm(const real* __restrict__ src, const real* __restrict__
         }
         __syncthreads();
         // the next chunk's taps, into the other buffer (read after the next barrier)
-        if (i0 + BK < I) decode_taps<BACKWARD>(taps[buf ^ 1], i0 + BK, BK, I, RS, d.S, HWin, Win);
+        if (i0 + BK < I)
+            decode_taps<BACKWARD>(taps[buf ^ 1], i0 + BK, BK, I, RS, d.S, d.src_sc, Win);
         for (int row = 0; row < BK; ++row) {
             real a[TM], b[TN];
 #pragma unroll
@@ -210,17 +219,18 @@ __device__ void conv_gemm(const real* __restrict__ src, const real* __restrict__
 #pragma unroll
         for (int u = 0; u < TM; ++u) {
             int m = m0 + tr * TM + u;
-            if (m < M) dst[(n * Cout + g * M + m) * HWout + pix] = acc[u][v];
+            if (m < M) dst[n * d.dst_sn + (g * M + m) * d.dst_sc + pix] = acc[u][v];
         }
     }
 }
 
-// y = conv(x, W). BM: rows of the output tile (see the header).
+// y = conv(x, W). BM: rows of the output tile (see the header); (xsn, xsc)
+// and (ysn, ysc): the image and channel strides of x and y.
 extern "C" __global__ void __launch_bounds__(CONV_THREADS)
 grouped_conv2d_fwd(const real* __restrict__ x, const real* __restrict__ W, real* __restrict__ y,
                    int N, int C, int H, int Wd, int K, int P, int Q, int G, int R, int S,
-                   int sh, int sw, int ph, int pw, int BM) {
-    ConvShape d = {N, C, H, Wd, K, P, Q, G, R, S, sh, sw, ph, pw};
+                   int sh, int sw, int ph, int pw, int BM, int xsn, int xsc, int ysn, int ysc) {
+    ConvShape d = {N, C, H, Wd, K, P, Q, G, R, S, sh, sw, ph, pw, xsn, xsc, ysn, ysc};
     conv_gemm<false>(x, W, y, d, BM);
 }
 
@@ -228,7 +238,8 @@ grouped_conv2d_fwd(const real* __restrict__ x, const real* __restrict__ W, real*
 extern "C" __global__ void __launch_bounds__(CONV_THREADS)
 grouped_conv2d_bwd_data(const real* __restrict__ gy, const real* __restrict__ W,
                         real* __restrict__ gx, int N, int C, int H, int Wd, int K, int P, int Q,
-                        int G, int R, int S, int sh, int sw, int ph, int pw, int BM) {
-    ConvShape d = {N, C, H, Wd, K, P, Q, G, R, S, sh, sw, ph, pw};
+                        int G, int R, int S, int sh, int sw, int ph, int pw, int BM,
+                        int gysn, int gysc, int gxsn, int gxsc) {
+    ConvShape d = {N, C, H, Wd, K, P, Q, G, R, S, sh, sw, ph, pw, gysn, gysc, gxsn, gxsc};
     conv_gemm<true>(gy, W, gx, d, BM);
 }

@@ -5,6 +5,8 @@
 //   N batch, C input channels, H x W input, K output channels, P x Q output
 //   G groups, Cg = C / G, Kg = K / G, R x S filter, stride (sh, sw), padding (ph, pw)
 //   gy (N, K, P, Q)   x (N, C, H, W)   gW (K, Cg, R, S)
+//   gy and x in NCHW or CNHW memory: their image and channel strides are
+//   arguments (see grouped_conv.cu)
 //
 //   gW[g*Kg+k, c, r, s] = sum_{n, p, q} gy[n, g*Kg+k, p, q] * x[n, g*Cg+c, p*sh-ph+r, q*sw-pw+s]
 //
@@ -46,11 +48,12 @@ typedef REAL real;
 extern "C" __global__ void __launch_bounds__(WGRAD_THREADS)
 grouped_conv2d_bwd_weight(const real* __restrict__ gy, const real* __restrict__ x,
                           real* __restrict__ gW, int N, int C, int H, int Wd, int K, int P,
-                          int Q, int G, int R, int S, int sh, int sw, int ph, int pw) {
+                          int Q, int G, int R, int S, int sh, int sw, int ph, int pw,
+                          int gysn, int gysc, int xsn, int xsc) {
     __shared__ real red[TAPS][WGRAD_THREADS];
 
     if (blockDim.x != WGRAD_THREADS) __trap();  // red and the strides assume this size
-    const int Cg = C / G, Kg = K / G, RS = R * S, PQ = P * Q, HW = H * Wd;
+    const int Cg = C / G, Kg = K / G, RS = R * S, PQ = P * Q;
     const int J = N * PQ;
     // Which piece of gW this block owns.
     const int ktiles = (Kg + KT - 1) / KT, ttiles = (RS + TAPS - 1) / TAPS;
@@ -79,9 +82,9 @@ grouped_conv2d_bwd_weight(const real* __restrict__ gy, const real* __restrict__ 
     for (int j = blockIdx.y * WGRAD_THREADS + threadIdx.x; j < J; j += stride) {
         int n = j / PQ, pq = j - n * PQ, p = pq / Q, q = pq - (pq / Q) * Q;
         real gv[KT];
-        const real* gyp = gy + (n * K + g * Kg + k0) * PQ + pq;
-        for (int a = 0; a < KT; ++a) gv[a] = a < kvalid ? gyp[a * PQ] : 0;
-        const real* xp = x + (n * C + g * Cg + c) * HW;
+        const real* gyp = gy + n * gysn + (g * Kg + k0) * gysc + pq;
+        for (int a = 0; a < KT; ++a) gv[a] = a < kvalid ? gyp[a * gysc] : 0;
+        const real* xp = x + n * xsn + (g * Cg + c) * xsc;
         int h0 = p * sh - ph, w0 = q * sw - pw;
         for (int t = 0; t < TAPS; ++t) {
             int h = h0 + tap_r[t], w = w0 + tap_s[t];

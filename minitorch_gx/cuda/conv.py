@@ -19,6 +19,7 @@ import numpy
 
 from .device import check_size as _check_size, check_threads as _check_threads
 from .device import defines as _defines, device_for, pair as _pair
+from .device import empty_planes as _empty_planes, is_cnhw as _is_cnhw, planes as _planes
 
 GEMM_FOR_1X1 = True  # route groups=1 1x1 convolutions to cuBLAS (see the module docstring)
 _i32 = numpy.int32
@@ -48,7 +49,7 @@ def _use_gemm(geo):
     return GEMM_FOR_1X1 and groups == 1 and r == s == 1 and ph == pw == 0
 
 
-def _conv_gemm_launch(kernel, src, W, dst, geo, rows):
+def _conv_gemm_launch(kernel, src, W, dst, geo, rows, strides):
     dev = device_for(src)
     threads = _check_threads("CONV_THREADS", "grouped_conv.cu", 32, 256, powers_of_two=True)
     bm = _tile_rows(rows)
@@ -58,7 +59,7 @@ def _conv_gemm_launch(kernel, src, W, dst, geo, rows):
     grid = (-(-cols // bn), groups * -(-rows // bm))
     if grid[1] > 65535:
         raise ValueError(f"conv2d: {groups} groups is more than this kernel's grid allows")
-    args = [src, W, dst] + [_i32(v) for v in geo] + [_i32(bm)]
+    args = [src, W, dst] + [_i32(v) for v in geo] + [_i32(bm)] + [_i32(v) for v in strides]
     dev.launch("grouped_conv.cu", kernel, grid, (threads,), args,
                defines=_defines(src.dtype, "CONV_THREADS"))
 
@@ -70,13 +71,18 @@ def conv2d_forward(x, W, stride, padding, groups):
     n, c, h, w, k, p, q, g, r, s, sh, sw = geo[:12]
     if _use_gemm(geo):
         xp = dev.xp
+        if _is_cnhw(x):  # one GEMM, Y (K, N*P*Q) = W (K, C) X (C, N*P*Q), no copy at stride 1
+            y = xp.matmul(W.reshape(k, c), _pixels(xp, x, sh, sw))
+            return y.reshape(k, n, p, q).transpose(1, 0, 2, 3)
         xs = xp.ascontiguousarray(x[:, :, ::sh, ::sw]).reshape(n, c, p * q)
         return xp.matmul(W.reshape(k, c), xs).reshape(n, k, p, q)  # cuBLAS, batched over n
     dtype = x.dtype
-    x, W = dev.input(x, dtype), dev.input(W, dtype)
-    y = dev.empty((n, k, p, q), dtype)
+    cnhw = _is_cnhw(x)
+    x, xsn, xsc = _planes(dev, x, dtype)
+    W = dev.input(W, dtype)
+    y, y_memory, ysn, ysc = _empty_planes(dev, (n, k, p, q), dtype, cnhw)
     _check_size(x=x, y=y)
-    _conv_gemm_launch("grouped_conv2d_fwd", x, W, y, geo, k // g)
+    _conv_gemm_launch("grouped_conv2d_fwd", x, W, y_memory, geo, k // g, (xsn, xsc, ysn, ysc))
     dev.check_written(y)
     return y
 
@@ -91,6 +97,13 @@ def conv2d_backward_data(gy, W, x_shape, stride, padding, groups):
                          f"expected {(n, k, p, q)}")
     if _use_gemm(geo):
         xp = dev.xp
+        if _is_cnhw(gy):  # one GEMM, GX (C, N*P*Q) = W^T (C, K) GY (K, N*P*Q)
+            gxs = xp.matmul(W.reshape(k, c).T, _pixels(xp, gy, 1, 1))
+            if sh == sw == 1:
+                return gxs.reshape(c, n, h, w).transpose(1, 0, 2, 3)
+            gx = xp.zeros((c, n, h, w), gy.dtype)
+            gx[:, :, ::sh, ::sw] = gxs.reshape(c, n, p, q)  # where the strided filter read
+            return gx.transpose(1, 0, 2, 3)
         gxs = xp.matmul(W.reshape(k, c).T, gy.reshape(n, k, p * q)).reshape(n, c, p, q)
         if sh == sw == 1:
             return gxs
@@ -98,10 +111,13 @@ def conv2d_backward_data(gy, W, x_shape, stride, padding, groups):
         gx[:, :, ::sh, ::sw] = gxs  # the positions the strided 1x1 filter read
         return gx
     dtype = gy.dtype
-    gy, W = dev.input(gy, dtype), dev.input(W, dtype)
-    gx = dev.empty((n, c, h, w), dtype)
+    cnhw = _is_cnhw(gy)
+    gy, gysn, gysc = _planes(dev, gy, dtype)
+    W = dev.input(W, dtype)
+    gx, gx_memory, gxsn, gxsc = _empty_planes(dev, (n, c, h, w), dtype, cnhw)
     _check_size(gy=gy, gx=gx)
-    _conv_gemm_launch("grouped_conv2d_bwd_data", gy, W, gx, geo, c // g)
+    _conv_gemm_launch("grouped_conv2d_bwd_data", gy, W, gx_memory, geo, c // g,
+                      (gysn, gysc, gxsn, gxsc))
     dev.check_written(gx)
     return gx
 
@@ -109,22 +125,37 @@ def conv2d_backward_data(gy, W, x_shape, stride, padding, groups):
 WGRAD_KT, WGRAD_TAPS = 4, 9  # as KT and TAPS in grouped_conv_bwd_weight.cu
 
 
-def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups):
-    """gW (K, C/groups, R, S): the gradient of conv2d_forward with respect to W."""
+def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups, out=None):
+    """gW (K, C/groups, R, S): the gradient of conv2d_forward with respect to W.
+    ``out``: a C-contiguous array of zeros of that shape to accumulate gW into
+    (the parameter's own gradient, Function.grad_buffer), returned; else a new one."""
     dev = device_for(gy)
     geo = _conv_geometry(x.shape, tuple(W_shape), stride, padding, groups)
     n, c, h, w, k, p, q, g, r, s, sh, sw = geo[:12]
     if tuple(gy.shape) != (n, k, p, q):
         raise ValueError(f"conv2d backward: gy has shape {tuple(gy.shape)}, "
                          f"expected {(n, k, p, q)}")
+    if out is not None and (tuple(out.shape) != tuple(W_shape) or out.dtype != gy.dtype
+                            or not out.flags.c_contiguous):
+        raise ValueError(f"conv2d backward: out must be C-contiguous {gy.dtype} "
+                         f"{tuple(W_shape)}, got {out.dtype} {tuple(out.shape)}")
     if _use_gemm(geo):
         xp = dev.xp
+        if _is_cnhw(gy) and _is_cnhw(x):  # one GEMM, GW (K, C) = GY (K, NPQ) X^T (NPQ, C)
+            gW = xp.matmul(_pixels(xp, gy, 1, 1), _pixels(xp, x, sh, sw).T,
+                           out=None if out is None else out.reshape(k, c))
+            return out if out is not None else gW.reshape(k, c, 1, 1)
         xs = xp.ascontiguousarray(x[:, :, ::sh, ::sw]).reshape(n, c, p * q)
         gW = xp.tensordot(gy.reshape(n, k, p * q), xs, axes=([0, 2], [0, 2]))  # (K, C)
-        return gW.reshape(k, c, 1, 1).astype(gy.dtype, copy=False)
+        gW = gW.reshape(k, c, 1, 1).astype(gy.dtype, copy=False)
+        if out is None:
+            return gW
+        out[...] = gW
+        return out
     dtype = gy.dtype
-    gy, x = dev.input(gy, dtype), dev.input(x, dtype)
-    gW = dev.zeros(tuple(W_shape), dtype)
+    gy, gysn, gysc = _planes(dev, gy, dtype)
+    x, xsn, xsc = _planes(dev, x, dtype)
+    gW = dev.zeros(tuple(W_shape), dtype) if out is None else out  # accumulated into
     _check_size(gy=gy, x=x)
     # red[TAPS][WGRAD_THREADS] of shared memory must fit in 48 KiB
     threads = _check_threads("WGRAD_THREADS", "grouped_conv_bwd_weight.cu",
@@ -138,6 +169,15 @@ def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups):
         splits = max(splits, min(-(-pixels // (threads * 4)), -(-1024 // pieces)))
     splits = max(1, min(splits, 65535))
     dev.launch("grouped_conv_bwd_weight.cu", "grouped_conv2d_bwd_weight", (pieces, splits),
-               (threads,), [gy, x, gW] + [_i32(v) for v in geo],
+               (threads,), [gy, x, gW] + [_i32(v) for v in geo + (gysn, gysc, xsn, xsc)],
                defines=_defines(dtype, "WGRAD_THREADS"))
     return gW
+
+
+def _pixels(xp, a, sh, sw):
+    """A CNHW array as the (C, N*P*Q) matrix of its channels, taking every
+    (sh, sw)-th pixel: a view at stride 1, a copy of the kept pixels otherwise."""
+    memory = a.transpose(1, 0, 2, 3)  # (C, N, H, W), C-contiguous
+    if sh != 1 or sw != 1:
+        memory = xp.ascontiguousarray(memory[:, :, ::sh, ::sw])
+    return memory.reshape(memory.shape[0], -1)

@@ -138,6 +138,50 @@ def write_back(original, worked_on):
         original[...] = worked_on
 
 
+# --------------------------------------------------------------------------
+# Activations in memory: NCHW, or CNHW on the GPU path. A logical
+# (N, C, H, W) array whose memory is a C-contiguous (C, N, H, W) array (its
+# transposed view) puts all N*H*W values of a channel in one row, so that a
+# 1x1 convolution is a single GEMM over N*H*W columns and a channel's
+# statistics one contiguous run. Shapes stay NCHW everywhere: the layout is
+# only where the values sit, so every op is correct on either, and kernels
+# that know both are handed the memory as it is.
+# --------------------------------------------------------------------------
+def is_cnhw(a):
+    """A logical (N, C, H, W) view of C-contiguous (C, N, H, W) memory (and
+    not also NCHW-contiguous, as when N or C is 1)."""
+    return (a.ndim == 4 and not a.flags.c_contiguous
+            and a.transpose(1, 0, 2, 3).flags.c_contiguous)
+
+
+def stored(a, cnhw):
+    """``a`` in the order of its memory when ``cnhw`` (its (C, N, H, W)
+    transpose, C-contiguous), else ``a``: for kernels that only need planes or
+    elements, not which index is which. Applied twice it gives ``a`` back."""
+    return a.transpose(1, 0, 2, 3) if cnhw else a
+
+
+def planes(dev, a, dtype):
+    """(memory, image stride, channel stride) of a logical (N, C, H, W) array
+    for a kernel that reads planes: CNHW and NCHW memory as it is (a device
+    array: no copy), any other layout copied to NCHW."""
+    n, c, h, w = a.shape
+    if is_cnhw(a):
+        return dev.input(a.transpose(1, 0, 2, 3), dtype), h * w, n * h * w
+    return dev.input(a, dtype), c * h * w, h * w
+
+
+def empty_planes(dev, shape, dtype, cnhw):
+    """A new logical (N, C, H, W) array in CNHW memory when ``cnhw``, else NCHW:
+    (the array, its memory, image stride, channel stride)."""
+    n, c, h, w = shape
+    if cnhw:
+        memory = dev.empty((c, n, h, w), dtype)
+        return memory.transpose(1, 0, 2, 3), memory, h * w, n * h * w
+    memory = dev.empty(tuple(shape), dtype)
+    return memory, memory, c * h * w, h * w
+
+
 def blocks(n, threads, most=65535):
     """ceil(n / threads), clamped to [1, most]: a 1-D grid."""
     return max(1, min(most, -(-n // threads)))

@@ -4,7 +4,8 @@
 import numpy
 
 from .device import LAUNCH, blocks as _blocks, check_size as _check_size
-from .device import defines as _defines, device_for, pair as _pair
+from .device import defines as _defines, device_for, is_cnhw as _is_cnhw, pair as _pair
+from .device import stored as _stored
 
 _i32 = numpy.int32
 
@@ -28,29 +29,37 @@ def _pool_geometry(x_shape, kernel_size, stride, padding):
 
 
 def max_pool2d_forward(x, kernel_size, stride, padding):
-    """x (N, C, H, W) -> (y (N, C, P, Q), argmax uint8: the first winning tap i*kw+j)."""
+    """x (N, C, H, W) -> (y (N, C, P, Q), argmax uint8: the first winning tap i*kw+j).
+    The kernels see only planes: CNHW memory is pooled as it is (its (C, N)
+    planes), and y and argmax come out in x's layout."""
     dev, dtype = device_for(x), x.dtype
     geo = _pool_geometry(x.shape, kernel_size, stride, padding)
-    n, c, h, w, p, q = geo[:6]
-    x = dev.input(x, dtype)
-    y, argmax = dev.empty((n, c, p, q), dtype), dev.empty((n, c, p, q), numpy.uint8)
+    cnhw = _is_cnhw(x)
+    x = dev.input(_stored(x, cnhw), dtype)  # planes in memory order
+    geo[:2] = x.shape[:2]
+    shape = tuple(x.shape[:2]) + tuple(geo[4:6])
+    y, argmax = dev.empty(shape, dtype), dev.empty(shape, numpy.uint8)
     _check_size(x=x, y=y)
     threads = LAUNCH["POOL_THREADS"]
     dev.launch("max_pool.cu", "max_pool2d_fwd", (_blocks(y.size, threads),), (threads,),
                [x, y, argmax] + [_i32(v) for v in geo], defines=_defines(dtype, "POOL_THREADS"))
     dev.check_written(y, argmax)
-    return y, argmax
+    return _stored(y, cnhw), _stored(argmax, cnhw)
 
 
 def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride, padding):
-    """gx (N, C, H, W): gy routed back to each window's winning tap."""
+    """gx (N, C, H, W): gy routed back to each window's winning tap, in the
+    layout of the forward's argmax (gy is brought to it)."""
     dev, dtype = device_for(gy), gy.dtype
     geo = _pool_geometry(tuple(x_shape), kernel_size, stride, padding)
-    gy, argmax = dev.input(gy, dtype), dev.input(argmax, numpy.uint8)
-    gx = dev.empty(tuple(x_shape), dtype)
+    cnhw = _is_cnhw(argmax)
+    gy = dev.input(_stored(gy, cnhw), dtype)
+    argmax = dev.input(_stored(argmax, cnhw), numpy.uint8)
+    geo[:2] = gy.shape[:2]
+    gx = dev.empty(tuple(gy.shape[:2]) + tuple(x_shape[2:]), dtype)
     _check_size(gx=gx)
     threads = LAUNCH["POOL_THREADS"]
     dev.launch("max_pool.cu", "max_pool2d_bwd", (_blocks(gx.size, threads),), (threads,),
                [gy, argmax, gx] + [_i32(v) for v in geo], defines=_defines(dtype, "POOL_THREADS"))
     dev.check_written(gx)
-    return gx
+    return _stored(gx, cnhw)

@@ -90,7 +90,8 @@ class Conv2d(Function):
         if x_in.requires_grad or x_in.creator is not None:
             gx = conv2d_backward_data(gy, self.W, self.x.shape, *args)
         if W_in.requires_grad or W_in.creator is not None:
-            gW = conv2d_backward_weight(gy, self.x, self.W.shape, *args)
+            # into W's own gradient array when it awaits its first (no copy after)
+            gW = conv2d_backward_weight(gy, self.x, self.W.shape, *args, out=self.grad_buffer(1))
         if len(self.inputs) == 3:
             return gx, gW, gy.sum(axis=(0, 2, 3))
         return gx, gW
@@ -139,11 +140,24 @@ def conv2d_backward_data(gy, W, x_shape, stride, padding, groups):
     return impl(gy, W, x_shape, stride, padding, groups)
 
 
-def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups):
-    """gW (K, C/groups, R, S) from gy (N, K, P, Q) and x."""
-    impl = backend.choose(gy, reference=conv2d_backward_weight_reference,
-                          fast=_backward_weight_fast, kernel=cuda_conv.conv2d_backward_weight)
-    return impl(gy, x, W_shape, stride, padding, groups)
+def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups, out=None):
+    """gW (K, C/groups, R, S) from gy (N, K, P, Q) and x. ``out``: zeros of
+    gW's shape to put it in (and return), e.g. W's own gradient array."""
+    impl = backend.choose(gy, reference=_written_into(conv2d_backward_weight_reference),
+                          fast=_written_into(_backward_weight_fast),
+                          kernel=cuda_conv.conv2d_backward_weight)  # accumulates into out itself
+    return impl(gy, x, W_shape, stride, padding, groups, out=out)
+
+
+def _written_into(step):
+    """``step`` taking ``out=``: its result copied into ``out`` when given, and returned."""
+    def step_into(*args, out=None):
+        result = step(*args)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+    return step_into
 
 
 # ==========================================================================

@@ -368,3 +368,17 @@ def test_bottleneck_ends_in_add_relu(downsample):
     np.testing.assert_array_equal(y.data, expect)
     np.testing.assert_array_equal(branch.data, out)
     np.testing.assert_array_equal(join_identity.data, identity)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_add_relu_on_cnhw_memory_keeps_the_layout_and_the_values(impl):
+    rng = np.random.default_rng(8)
+    a, b, gy = (rng.standard_normal((3, 4, 5, 6)).astype(np.float32) for _ in range(3))
+    with run_on(impl) as dev:
+        def cnhw(v):
+            return dev(np.ascontiguousarray(v.transpose(1, 0, 2, 3))).transpose(1, 0, 2, 3)
+        y = cuda_elementwise.add_relu_forward(cnhw(a), dev(b))  # b NCHW: brought to a's layout
+        gx = cuda_elementwise.relu_backward(dev(gy), y)
+        assert cuda_device.is_cnhw(y) and cuda_device.is_cnhw(gx)
+    assert np.array_equal(host(y), add_relu_forward_reference(a, b))
+    assert np.array_equal(host(gx), np.where(np.maximum(a + b, 0) > 0, gy, 0))

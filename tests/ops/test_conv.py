@@ -405,7 +405,8 @@ def test_conv_kernel_refuses_a_block_size_it_was_not_compiled_for():
     dev = emulator.device()
     x, W = dev.zeros((1, 4, 5, 5), numpy.float32), dev.zeros((4, 2, 3, 3), numpy.float32)
     y = dev.empty((1, 4, 5, 5), numpy.float32)
-    dims = [1, 4, 5, 5, 4, 5, 5, 2, 3, 3, 1, 1, 1, 1, 4]  # N C H W K P Q G R S sh sw ph pw BM
+    # N C H W K P Q G R S sh sw ph pw BM, then x's and y's image and channel strides (NCHW)
+    dims = [1, 4, 5, 5, 4, 5, 5, 2, 3, 3, 1, 1, 1, 1, 4, 100, 25, 100, 25]
     module = emulator.build("grouped_conv.cu", dict(cuda_device.builds())["grouped_conv.cu"])
     with pytest.raises(emulator.EmuError, match="__trap"):
         module.launch("grouped_conv2d_fwd", (1, 2), 128, [x, W, y] + [numpy.int32(v) for v in dims])
@@ -498,3 +499,68 @@ def test_bad_shapes_raise_one_clear_error(x_shape, W_shape, groups, b_shape, mes
 def test_mixed_dtypes_raise():
     with pytest.raises(ValueError, match="dtype"):
         conv2d(numpy.zeros((1, 2, 5, 5)), numpy.zeros((2, 2, 3, 3), numpy.float32))
+
+
+# ==========================================================================
+# 6. CNHW memory (the GPU path's layout): the same results, in the same layout
+# ==========================================================================
+def cnhw(a, dev):
+    """The logical (N, C, H, W) array ``a`` held in C-contiguous (C, N, H, W) memory."""
+    return dev(numpy.ascontiguousarray(a.transpose(1, 0, 2, 3))).transpose(1, 0, 2, 3)
+
+
+CNHW_CASES = [CONV_CASES[0], CONV_CASES[2], CONV_CASES[3], CONV_CASES[5], CONV_CASES[13],
+              (2, 8, 6, 5, 12, 1, 1, 1, 1, 0),   # 1x1: one GEMM
+              (3, 8, 7, 6, 12, 1, 1, 1, 2, 0)]   # 1x1 stride 2
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CNHW_CASES, ids=_case_id)
+def test_cnhw_inputs_give_the_nchw_results_in_cnhw_memory(impl, case):
+    x, W, gy, _ = _conv_data(case, numpy.float32, 3)
+    g, stride, padding = case[5], case[8], case[9]
+    with run_on(impl) as dev:
+        expected = (cuda_conv.conv2d_forward(dev(x), dev(W), stride, padding, g),
+                    cuda_conv.conv2d_backward_data(dev(gy), dev(W), x.shape, stride, padding, g),
+                    cuda_conv.conv2d_backward_weight(dev(gy), dev(x), W.shape, stride, padding,
+                                                     g))
+        got = (cuda_conv.conv2d_forward(cnhw(x, dev), dev(W), stride, padding, g),
+               cuda_conv.conv2d_backward_data(cnhw(gy, dev), dev(W), x.shape, stride, padding,
+                                              g),
+               cuda_conv.conv2d_backward_weight(cnhw(gy, dev), cnhw(x, dev), W.shape, stride,
+                                                padding, g))
+        if x.shape[0] > 1:  # (with one image the two layouts are the same memory)
+            assert cuda_device.is_cnhw(got[0]) and cuda_device.is_cnhw(got[1])
+    for a, b, name in zip(got, expected, ("forward", "backward data", "backward weight")):
+        assert_close(a, b, 1e-5, scaled(b, 1e-5), f"{impl} {case} {name} CNHW vs NCHW")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", [CONV_CASES[2], CNHW_CASES[-2]], ids=_case_id)
+def test_the_weight_gradient_accumulates_into_the_array_it_is_given(impl, case):
+    x, W, gy, _ = _conv_data(case, numpy.float32, 4)
+    g, stride, padding = case[5], case[8], case[9]
+    with run_on(impl) as dev:
+        expected = cuda_conv.conv2d_backward_weight(dev(gy), dev(x), W.shape, stride, padding, g)
+        out = dev(numpy.zeros(W.shape, numpy.float32))
+        got = cuda_conv.conv2d_backward_weight(dev(gy), dev(x), W.shape, stride, padding, g,
+                                               out=out)
+        assert got is out
+        with pytest.raises(ValueError, match="out must be C-contiguous"):
+            cuda_conv.conv2d_backward_weight(dev(gy), dev(x), W.shape, stride, padding, g,
+                                             out=dev(numpy.zeros(W.shape, numpy.float64)))
+    assert_close(got, expected, 1e-5, scaled(expected, 1e-5), f"{impl} {case} gW into out")
+
+
+def test_a_1x1_conv_on_cnhw_memory_is_one_gemm_and_no_copy():
+    from minitorch_gx.cuda import trace
+    x = numpy.ones((2, 8, 6, 5), numpy.float32)
+    W = numpy.ones((12, 8, 1, 1), numpy.float32)
+    with trace.fake_gpu() as launches:
+        xt = cnhw(x, trace.to_gpu)
+        y = cuda_conv.conv2d_forward(xt, trace.to_gpu(W), 1, 0, 1)
+        gx = cuda_conv.conv2d_backward_data(y, trace.to_gpu(W), x.shape, 1, 0, 1)
+        gW = cuda_conv.conv2d_backward_weight(y, xt, W.shape, 1, 0, 1,
+                                              out=trace.to_gpu(numpy.zeros(W.shape, numpy.float32)))
+    assert [launch.name for launch in launches] == ["cuBLAS GEMM (matmul)"] * 3
+    assert cuda_device.is_cnhw(y) and cuda_device.is_cnhw(gx) and gW.shape == W.shape

@@ -438,3 +438,21 @@ def test_avg_pool_has_no_kernel_and_runs_on_the_kernel_paths(impl):
         y1, g1 = run(avg_pool2d, x, gy, 2, 2, 1, dev=dev)
     assert_close(y1, y0, 1e-6, 1e-6, "avg_pool2d forward")
     assert_close(g1, g0, 1e-6, 1e-6, "avg_pool2d backward")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_max_pool_on_cnhw_memory_keeps_the_layout_and_the_values(impl):
+    """CNHW memory (the GPU path's layout) is pooled as it is: same values,
+    the output and the gradient in CNHW memory too."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 5, 9, 8)).astype(np.float32)
+    gy = rng.standard_normal((3, 5, 5, 4)).astype(np.float32)
+    with run_on(impl) as dev:
+        y_ref, argmax_ref = cuda_pool.max_pool2d_forward(dev(x), 3, 2, 1)
+        gx_ref = cuda_pool.max_pool2d_backward(dev(gy), argmax_ref, x.shape, 3, 2, 1)
+        x_cnhw = dev(np.ascontiguousarray(x.transpose(1, 0, 2, 3))).transpose(1, 0, 2, 3)
+        y, argmax = cuda_pool.max_pool2d_forward(x_cnhw, 3, 2, 1)
+        gx = cuda_pool.max_pool2d_backward(dev(gy), argmax, x.shape, 3, 2, 1)  # gy NCHW
+        assert cuda_device.is_cnhw(y) and cuda_device.is_cnhw(argmax) and cuda_device.is_cnhw(gx)
+    assert np.array_equal(host(y), host(y_ref)) and np.array_equal(host(argmax), host(argmax_ref))
+    assert np.array_equal(host(gx), host(gx_ref))
