@@ -55,3 +55,21 @@ sgd_momentum_update(real* __restrict__ p, const real* __restrict__ g, real* __re
         p[i] = pv - lr[lo] * d;
     }
 }
+
+// The trainer's guard, before the update: how many of the n gradients (and
+// the loss) are NaN or infinite, added into flag[0] (which the launcher
+// zeroes). A thread counts its grid-stride share and adds its count with one
+// atomicAdd, so a gradient full of NaN costs one atomic per thread, not per
+// element. The count is exact up to 2^24 in float32; only "nonzero" matters.
+// Launch: grid (min(ceil(n / SGD_THREADS), 4096)), block (SGD_THREADS, or fewer).
+// Launcher: minitorch_gx/cuda/sgd.py count_nonfinite, called by optim/sgd.py
+// SGD.nonfinite; tested against its NumPy path (tests/optim/test_sgd.py).
+extern "C" __global__ void __launch_bounds__(SGD_THREADS)
+count_nonfinite(const real* __restrict__ g, long long n, const real* __restrict__ loss,
+                real* __restrict__ flag) {
+    const long long step = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    real bad = first == 0 && !isfinite(loss[0]) ? 1 : 0;
+    for (long long i = first; i < n; i += step) bad += isfinite(g[i]) ? 0 : 1;
+    if (bad != 0) atomicAdd(&flag[0], bad);
+}

@@ -44,3 +44,19 @@ def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta, skip=None):
                defines=_defines(dtype, "SGD_THREADS"))
     _write_back(p, pp)
     _write_back(buf, bb)
+
+
+def count_nonfinite(g, loss):
+    """How many values of the flat gradient ``g`` and the one-element ``loss``
+    are NaN or infinite, as a 0-d array of g's dtype on its device (nothing is
+    read back): one launch over g, after a one-element fill."""
+    dev, dtype = device_for(g), g.dtype
+    n = g.size
+    if loss.size != 1:
+        raise ValueError(f"count_nonfinite: loss must hold one value, it has {loss.size}")
+    g, loss = dev.input(g.reshape(-1), dtype), dev.input(loss.reshape(1), dtype)
+    flag = dev.zeros(1, dtype)
+    threads = LAUNCH["SGD_THREADS"]
+    dev.launch("sgd.cu", "count_nonfinite", (_blocks(max(n, 1), threads, 4096),), (threads,),
+               [g, _i64(n), loss, flag], defines=_defines(dtype, "SGD_THREADS"))
+    return flag.reshape(())

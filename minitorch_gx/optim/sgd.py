@@ -119,13 +119,16 @@ class SGD:
                 p.grad = grad
 
     def nonfinite(self, loss=None):
-        """A 0-d boolean array on the parameters' device: true when ``loss`` or
-        any gradient holds a NaN or an infinity. One reduction over the flat
+        """A 0-d array on the parameters' device, nonzero when ``loss`` or any
+        gradient holds a NaN or an infinity (a boolean on the NumPy path; with
+        the kernels, one launch that counts them). One pass over the flat
         gradient, and nothing is read back to the host, so on a GPU the check
         costs no synchronisation: hand it to ``step(skip=...)`` and read it
         when convenient."""
         self._gather_grads()
         xp = backend.get_array_module(self.flat_grads)
+        if loss is not None and backend.use_kernels(xp):  # one kernel (sgd.cu count_nonfinite)
+            return cuda_sgd.count_nonfinite(self.flat_grads, xp.asarray(loss))
         bad = ~xp.isfinite(self.flat_grads).all()
         if loss is not None:
             bad = bad | ~xp.isfinite(loss)

@@ -301,3 +301,22 @@ def test_the_kernel_reads_the_skip_flag_on_the_device(impl):
         with pytest.raises(ValueError, match="one element"):
             cuda_sgd.sgd_momentum_update(dev(p), dev(g), dev(buf), ends, lrs, wds, moms,
                                          skip=dev(numpy.zeros(2, numpy.float32)))
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("threads", [256, 64])
+@pytest.mark.parametrize("n", [1, 777, 70_000])
+def test_the_nonfinite_kernel_counts_what_the_numpy_check_sees(impl, threads, n):
+    rng = numpy.random.default_rng(n)
+    g = rng.standard_normal(n).astype(numpy.float32)
+    cases = [(g, 1.5, 0)]
+    for where in {0, n // 2, n - 1}:
+        bad = g.copy()
+        bad[where] = numpy.nan if where % 2 else numpy.inf
+        cases.append((bad, 1.5, 1))
+    cases.append((g, numpy.inf, 1))
+    cases.append((numpy.full(n, numpy.nan, numpy.float32), numpy.nan, n + 1))
+    with run_on(impl) as dev, launch_shapes(SGD_THREADS=threads):
+        for grads, loss, count in cases:
+            got = cuda_sgd.count_nonfinite(dev(grads), dev(numpy.array(loss, numpy.float32)))
+            assert got.shape == () and float(host(got)) == count, (loss, count)
