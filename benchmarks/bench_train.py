@@ -8,7 +8,10 @@ A step is forward, label-smoothed cross-entropy, backward and an SGD step. The
 figure is the median img/s over --steps timed steps after --warmup untimed
 ones. When torch and torchvision import, torchvision's resnext50_32x4d runs
 the same steps on the same input (float32, TF32 off on the GPU so both sides
-do float32 arithmetic) and the ratio ours/PyTorch is printed.
+do float32 arithmetic; ``--tf32`` turns it on for both: our cuBLAS GEMMs,
+PyTorch's cuBLAS and cuDNN) and the ratio ours/PyTorch is printed. Our step
+is train.py's: the uint8 batch is normalised on the device each step (on a
+GPU into the CNHW memory the rest of the step keeps).
 """
 import argparse
 import os
@@ -26,6 +29,7 @@ from minitorch_gx.functional import cross_entropy  # noqa: E402
 from minitorch_gx.optim import SGD  # noqa: E402
 from resnext.model import build_model  # noqa: E402
 from resnext.trainer import param_groups  # noqa: E402
+from resnext.transforms import normalize, normalize_reference  # noqa: E402
 
 
 def time_steps(step, warmup, steps, sync=lambda: None):
@@ -41,17 +45,19 @@ def time_steps(step, warmup, steps, sync=lambda: None):
     return times
 
 
-def bench_ours(args, x_host, labels_host):
+def bench_ours(args, images_host, labels_host):
     xp = backend.cupy if args.device == "gpu" else numpy
     model = build_model(args.arch, 1000, seed=0)
     if args.device == "gpu":
+        backend.set_tf32(args.tf32)
         model.to("gpu")
     model.train()
     opt = SGD(param_groups(model, 1e-4), lr=0.01, momentum=0.9)
-    x, labels = mt.Tensor(xp.asarray(x_host)), xp.asarray(labels_host)
+    images, labels = xp.asarray(images_host), labels_host
 
     def step():
         opt.zero_grad()
+        x = mt.Tensor(normalize(images, xp, numpy.float32))
         loss = cross_entropy(model(x), labels, label_smoothing=0.1)
         loss.backward()
         opt.step()
@@ -60,7 +66,7 @@ def bench_ours(args, x_host, labels_host):
     return time_steps(step, args.warmup, args.steps, sync)
 
 
-def bench_torch(args, x_host, labels_host):
+def bench_torch(args, images_host, labels_host):
     try:
         import torch
         import torchvision
@@ -68,12 +74,12 @@ def bench_torch(args, x_host, labels_host):
         return None
     dev = "cuda" if args.device == "gpu" else "cpu"
     if dev == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.benchmark = True
     model = torchvision.models.resnext50_32x4d().to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    x = torch.from_numpy(x_host).to(dev)
+    x = torch.from_numpy(normalize_reference(images_host, numpy, numpy.float32)).to(dev)
     labels = torch.from_numpy(labels_host).to(dev)
     lossf = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
@@ -95,15 +101,16 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--arch", default="resnext50_32x4d")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--tf32", action="store_true", help="GPU: TF32 GEMMs (and cuDNN) on both sides")
     args = p.parse_args()
     if args.device == "gpu" and not backend.gpu_available():
         sys.exit("error: --device gpu but no usable CUDA device (or CuPy)")
     rng = numpy.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(numpy.float32)
+    x = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=numpy.uint8)
     labels = rng.integers(0, 1000, args.batch).astype(numpy.int64)
     print(f"{args.arch} training step, {args.device}, batch {args.batch}, "
-          f"{args.image_size}x{args.image_size}, float32, median of {args.steps} steps "
-          f"after {args.warmup} warm-up")
+          f"{args.image_size}x{args.image_size}, {'TF32' if args.tf32 else 'float32'}, median of "
+          f"{args.steps} steps after {args.warmup} warm-up")
     ours = bench_ours(args, x, labels)
     ours_rate = args.batch / statistics.median(ours)
     print(f"minitorch_gx: {ours_rate:8.2f} img/s  (step {statistics.median(ours) * 1000:.0f} ms; "

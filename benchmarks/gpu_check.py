@@ -1,4 +1,4 @@
-"""Every GPU check of the CUDA backend in one run, sized for a lent H200 (~6 minutes).
+"""Every GPU check of the CUDA backend in one run, sized for a lent H200 (under 8 minutes).
 
     python benchmarks/gpu_check.py                  # GPU machine; logs to $OUT or a temp dir
     python benchmarks/gpu_check.py --fetch-wheels   # here, with network: test wheels -> .whl/
@@ -11,8 +11,13 @@ Stages, each a subprocess with its own time limit, its output in <out>/<stage>.l
            too), tests/resnext/test_model_on_kernels.py (resnext50_32x4d
            forward/backward against the NumPy backend, training steps) and
            tests/cuda/test_compile.py (NVRTC builds of every kernel)
+  sanitizer  NVIDIA's compute-sanitizer (memcheck, racecheck, initcheck, synccheck),
+           one run per tool over the small-shape kernel tests, to set its verdict
+           beside the emulator's (which finds every kernel clean)
+  gpu_step benchmarks/gpu_step.py (the traced per-step cost table)
   kernels  benchmarks/bench_kernels.py --batch 128 (each kernel beside PyTorch)
-  train    benchmarks/bench_train.py --device gpu --batch 128 (img/s beside PyTorch)
+  train    benchmarks/bench_train.py --device gpu --batch 128 (img/s beside PyTorch), in
+           fp32 and again with --tf32 on both sides
 A summary goes to <out>/summary.txt; the exit code is non-zero if any stage failed.
 
 The GPU machine has no network and may lack pytest/pillow/tqdm: run --fetch-wheels
@@ -56,12 +61,24 @@ def stages(smoke):
     return [
         ("env", [py, "-c", ENV_REPORT], 60),
         ("tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--durations=10",
-                   *GPU_TEST_SELECTION, *GPU_TEST_FILES], 210),
+                   *GPU_TEST_SELECTION, *GPU_TEST_FILES], 150),
+        *[(f"sanitizer-{tool}", ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3",
+                                 py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                                 "cupy and not million and not resnext50", *SANITIZED_TESTS], 30)
+          for tool in ("memcheck", "racecheck", "initcheck", "synccheck")],
+        ("gpu_step", [py, "benchmarks/gpu_step.py"], 20),
         ("kernels", [py, "benchmarks/bench_kernels.py", "--batch", "128",
-                     "--json", "{out}/bench_kernels.json"], 120),
+                     "--json", "{out}/bench_kernels.json"], 45),
         ("train", [py, "benchmarks/bench_train.py", "--device", "gpu", "--batch", "128",
-                   "--steps", "5", "--warmup", "2"], 120),
+                   "--steps", "5", "--warmup", "2"], 50),
+        ("train-tf32", [py, "benchmarks/bench_train.py", "--device", "gpu", "--batch", "128",
+                        "--steps", "5", "--warmup", "2", "--tf32"], 50),
     ]
+
+
+# Small shapes only: under compute-sanitizer a kernel runs 10-100x slower.
+SANITIZED_TESTS = ["tests/ops/test_basic.py", "tests/ops/test_pool.py", "tests/ops/test_loss.py",
+                   "tests/optim/test_sgd.py", "tests/ops/test_norm.py"]
 
 
 ENV_REPORT = """
