@@ -142,6 +142,13 @@ class Tensor:
         run_backward(self, grad)
 
 
+def add_gradients(a, b):
+    """The sum of two gradients of one tensor (it fed two consumers), a new
+    array. ``minitorch_gx.ops.basic`` replaces this with its op, which runs the
+    project's own kernel on a GPU (this module imports no op)."""
+    return a + b
+
+
 def _accumulate_leaf(t, g):
     # A leaf owns its gradient array: the optimizer and the allreduce update
     # it in place, so it must never alias an array another tensor also holds.
@@ -221,7 +228,7 @@ def run_backward(output, grad):
             elif gx is not None:
                 key = id(t.creator)
                 # out of place: gx may be the very array another input received
-                grads[key] = gx if key not in grads else grads[key] + gx
+                grads[key] = gx if key not in grads else add_gradients(grads[key], gx)
         f.release()
 
 
