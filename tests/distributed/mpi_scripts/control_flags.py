@@ -23,6 +23,13 @@ from minitorch_gx import distributed  # noqa: E402  (bucketed_allreduce put the 
 FLAGS = ("stop", "nonfinite", "count")
 
 
+def say(line):
+    """One write per line: print() writes the text and the newline apart, and
+    mpirun may interleave another rank's line between them."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main():
     ctx = distributed.init(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     distributed.install_failure_handler(ctx)
@@ -57,7 +64,7 @@ def main():
         if reducer.flags["nonfinite"] > 0:
             stopped = step
             break
-    print(f"rank {rank}: stopped at step {stopped}", flush=True)
+    say(f"rank {rank}: stopped at step {stopped}")
 
     # flags left unset count 0 (the values go back to 0 after every synchronize)
     backward(params, coefficients(rank, 20))
@@ -86,7 +93,7 @@ def main():
     assert len(SHAPES) == len(params)
     distributed.barrier()
     if rank == 0:
-        print("ALL OK", flush=True)
+        say("ALL OK")
 
 
 if __name__ == "__main__":
