@@ -173,15 +173,15 @@ def bench_bn(args, xp, clock, torch, F, rows):
         gy_h = rng.standard_normal(shape).astype(numpy.float32)
         gamma, beta = xp.ones(c, xp.float32), xp.zeros(c, xp.float32)
         x, gy = xp.asarray(x_h), xp.asarray(gy_h)
-        # the running statistics are updated inside the forward (bn_fwd_finalize), as torch's are
+        # the running statistics are updated inside the forward (bn_fwd_reduce), as torch's are
         rm_ours, rv_ours = xp.zeros(c, xp.float32), xp.ones(c, xp.float32)
-        y, mean, invstd = cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, relu,
+        _, mean, invstd = cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, relu,
                                                              rm_ours, rv_ours, 0.1)
-        nbytes = 2 * x_h.nbytes  # forward: x in, y out; backward: gy, x in, gx out (+ y for relu)
+        nbytes = 2 * x_h.nbytes  # forward: x in, y out; backward: gy, x in, gx out
         ours_f = clock.ours(lambda: cuda_norm.batch_norm_train_forward(
             x, gamma, beta, 1e-5, relu, rm_ours, rv_ours, 0.1))
-        ours_b = clock.ours(lambda: cuda_norm.batch_norm_backward(gy, x, y, gamma, mean, invstd,
-                                                                  relu))
+        ours_b = clock.ours(lambda: cuda_norm.batch_norm_backward(gy, x, gamma, beta, mean,
+                                                                  invstd, relu))
         torch_f = torch_fb = None
         if torch is not None:
             tx = torch.from_numpy(x_h).to(dev).requires_grad_(True)
@@ -202,7 +202,7 @@ def bench_bn(args, xp, clock, torch, F, rows):
             torch_fb = clock.torch(forward_backward)
         add_row(rows, "batch norm", f"{name} train forward", shape, ours_f, torch_f, nbytes=nbytes)
         add_row(rows, "batch norm", f"{name} forward+backward", shape, ours_f + ours_b, torch_fb,
-                nbytes=nbytes + (4 if relu else 3) * x_h.nbytes)
+                nbytes=nbytes + 3 * x_h.nbytes)
 
 
 def bench_sgd(args, xp, clock, torch, F, rows):

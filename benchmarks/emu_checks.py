@@ -38,7 +38,7 @@ def _cases():
     y = cuda_conv.conv2d_forward(x, W, 1, 1, 4)
     xs, gamma, beta = data(8, 64, 14, 14), numpy.ones(64, numpy.float32), \
         numpy.zeros(64, numpy.float32)
-    yb, mean, invstd = cuda_norm.batch_norm_train_forward(xs, gamma, beta, 1e-5, True)
+    _, mean, invstd = cuda_norm.batch_norm_train_forward(xs, gamma, beta, 1e-5, True)
     stem = data(4, 16, 28, 28)
     logits, labels = data(64, 1000), rng.integers(0, 1000, 64)
     return [
@@ -51,7 +51,7 @@ def _cases():
         ("bn", "batch norm train forward (8,64,14,14)",
          lambda: cuda_norm.batch_norm_train_forward(xs, gamma, beta, 1e-5, True)),
         ("bn", "batch norm backward, same",
-         lambda: cuda_norm.batch_norm_backward(xs, xs, yb, gamma, mean, invstd, True)),
+         lambda: cuda_norm.batch_norm_backward(xs, xs, gamma, beta, mean, invstd, True)),
         ("pool", "max_pool2d_fwd (4,16,28,28) 3x3/2",
          lambda: cuda_pool.max_pool2d_forward(stem, 3, 2, 1)),
         ("xent", "softmax_xent_fwd (64,1000)",

@@ -13,6 +13,10 @@ backward; eval forward; eval backward), each choosing with ``backend.choose``
 between a plain ``*_reference`` (the specification), the NumPy fast path and
 the CUDA kernels of ``kernels/batch_norm.cu`` (launchers in
 ``minitorch_gx.cuda.norm``); then the references; then the fast path.
+Backward keeps x, not y: each implementation recomputes the ReLU mask from x
+with its forward's own arithmetic (so the mask is exactly the forward's), and
+writes ggamma and gbeta into the parameters' gradient arrays when the engine
+offers them (``Function.grad_buffer``).
 Legend: N batch, C channels, L = H * W, M = N * L values per channel.
 """
 import numpy
@@ -63,7 +67,9 @@ def _array_or_none(v):
 
 
 class BatchNorm2d(Function):
-    """Inputs (x, gamma, beta); running statistics are updated in place."""
+    """Inputs (x, gamma, beta); running statistics are updated in place.
+    Backward recomputes the ReLU mask from x, gamma, beta and the statistics
+    (as the forward computed y) instead of keeping y."""
 
     def __init__(self, running_mean, running_var, training, momentum, eps, relu):
         self.running_mean, self.running_var = running_mean, running_var
@@ -77,18 +83,20 @@ class BatchNorm2d(Function):
         else:
             y = batch_norm_infer_forward(x, gamma, beta, self.running_mean, self.running_var,
                                          self.eps, self.relu)
-        self.x, self.gamma = x, gamma
-        self.y = y if self.relu else None  # only the ReLU mask needs the output
+        self.x, self.gamma, self.beta = x, gamma, beta
         if self.training:  # backward reads the batch statistics, not the running ones
             self.running_mean = self.running_var = None
         return y
 
     def backward(self, gy):
+        # ggamma and gbeta straight into the parameters' own gradient arrays
+        # while those await their first: the engine then copies nothing
+        out = self.grad_buffer(1), self.grad_buffer(2)
         if self.training:
-            return batch_norm_backward(gy, self.x, self.y, self.gamma, self.mean, self.invstd,
-                                       self.relu)
-        return batch_norm_infer_backward(gy, self.x, self.y, self.gamma, self.running_mean,
-                                         self.running_var, self.eps, self.relu)
+            return batch_norm_backward(gy, self.x, self.gamma, self.beta, self.mean, self.invstd,
+                                       self.relu, *out)
+        return batch_norm_infer_backward(gy, self.x, self.gamma, self.beta, self.running_mean,
+                                         self.running_var, self.eps, self.relu, *out)
 
 
 # --------------------------------------------------------------------------
@@ -98,18 +106,24 @@ def batch_norm_train_forward(x, gamma, beta, eps, relu, running_mean=None, runni
                              momentum=0.1):
     """x (N, C, H, W); gamma, beta (C,) -> y like x, batch mean (C,), invstd (C,)
     = 1 / sqrt(biased batch var + eps). ``running_mean``/``running_var`` (C,),
-    when given, are updated in place (the kernel does it in its finalize step)."""
+    when given, are updated in place (by the kernels, in the last block of each
+    channel's reduction)."""
     impl = backend.choose(x, reference=batch_norm_train_forward_reference,
                           fast=_train_forward_fast, kernel=cuda_norm.batch_norm_train_forward)
     return impl(x, gamma, beta, eps, relu, running_mean, running_var, momentum)
 
 
-def batch_norm_backward(gy, x, y, gamma, mean, invstd, relu):
-    """Training-mode backward -> (gx, ggamma, gbeta). ``y`` is read only for
-    the ReLU mask (may be None when relu=False); invstd = 1 / sqrt(var + eps)."""
+def batch_norm_backward(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None,
+                        gbeta_out=None):
+    """Training-mode backward -> (gx, ggamma, gbeta); mean and invstd =
+    1 / sqrt(var + eps) are the forward's. The ReLU mask is recomputed from x,
+    gamma, beta, mean and invstd exactly as the forward computed y.
+    ggamma_out, gbeta_out (C,), when given: the arrays to write ggamma and
+    gbeta into (a parameter's own gradient, ``Function.grad_buffer``), then
+    returned themselves."""
     impl = backend.choose(x, reference=batch_norm_backward_reference, fast=_backward_fast,
                           kernel=cuda_norm.batch_norm_backward)
-    return impl(gy, x, y, gamma, mean, invstd, relu)
+    return impl(gy, x, gamma, beta, mean, invstd, relu, ggamma_out, gbeta_out)
 
 
 def batch_norm_infer_forward(x, gamma, beta, running_mean, running_var, eps, relu):
@@ -119,11 +133,13 @@ def batch_norm_infer_forward(x, gamma, beta, running_mean, running_var, eps, rel
     return impl(x, gamma, beta, running_mean, running_var, eps, relu)
 
 
-def batch_norm_infer_backward(gy, x, y, gamma, running_mean, running_var, eps, relu):
-    """Eval-mode backward (statistics are constants) -> (gx, ggamma, gbeta)."""
+def batch_norm_infer_backward(gy, x, gamma, beta, running_mean, running_var, eps, relu,
+                              ggamma_out=None, gbeta_out=None):
+    """Eval-mode backward (statistics are constants) -> (gx, ggamma, gbeta);
+    the mask and ggamma_out, gbeta_out as for ``batch_norm_backward``."""
     impl = backend.choose(x, reference=batch_norm_infer_backward_reference,
                           fast=_infer_backward_fast, kernel=cuda_norm.batch_norm_infer_backward)
-    return impl(gy, x, y, gamma, running_mean, running_var, eps, relu)
+    return impl(gy, x, gamma, beta, running_mean, running_var, eps, relu, ggamma_out, gbeta_out)
 
 
 # --------------------------------------------------------------------------
@@ -138,21 +154,35 @@ def _bcast(v, x):
     return v.reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
+def _affine_reference(x, gamma, beta, mean, invstd):
+    """y before the ReLU, gamma * (x - mean) * invstd + beta. Backward
+    recomputes it from the same arrays for the mask (y > 0): the forward's."""
+    return _bcast(gamma, x) * ((x - _bcast(mean, x)) * _bcast(invstd, x)) + _bcast(beta, x)
+
+
+def _into(out, value, dtype):
+    """A (C,) gradient as the result: written into ``out`` and ``out`` itself
+    returned when given, else ``value`` in ``dtype``."""
+    if out is None:
+        return value.astype(dtype)
+    out[...] = value
+    return out
+
+
 def batch_norm_train_forward_reference(x, gamma, beta, eps, relu, running_mean=None,
                                        running_var=None, momentum=0.1):
     xp = backend.get_array_module(x)
     axes = _stat_axes(x)
     mean = x.mean(axis=axes)
     var = ((x - _bcast(mean, x)) ** 2).mean(axis=axes)  # two passes: no cancellation
-    xhat = (x - _bcast(mean, x)) / xp.sqrt(_bcast(var, x) + eps)
-    y = _bcast(gamma, x) * xhat + _bcast(beta, x)
-    if relu:
-        y = xp.maximum(y, 0)
     if running_mean is not None:
         update_running_reference(running_mean, running_var, mean, var, x.size // x.shape[1],
                                  momentum)
-    invstd = 1 / xp.sqrt(var + eps)
-    return y.astype(x.dtype, copy=False), mean.astype(x.dtype), invstd.astype(x.dtype)
+    mean, invstd = mean.astype(x.dtype), (1 / xp.sqrt(var + eps)).astype(x.dtype)
+    y = _affine_reference(x, gamma, beta, mean, invstd)
+    if relu:
+        y = xp.maximum(y, 0)
+    return y.astype(x.dtype, copy=False), mean, invstd
 
 
 def update_running_reference(running_mean, running_var, mean, var, m, momentum):
@@ -165,37 +195,39 @@ def update_running_reference(running_mean, running_var, mean, var, m, momentum):
     running_var += (momentum * m / (m - 1) * var).astype(running_var.dtype, copy=False)
 
 
-def batch_norm_backward_reference(gy, x, y, gamma, mean, invstd, relu):
+def batch_norm_backward_reference(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None,
+                                  gbeta_out=None):
     axes = _stat_axes(x)
     m = x.size // x.shape[1]
-    g = gy * (y > 0) if relu else gy
+    g = gy * (_affine_reference(x, gamma, beta, mean, invstd) > 0) if relu else gy
     xhat = (x - _bcast(mean, x)) * _bcast(invstd, x)
     gbeta = g.sum(axis=axes)
     ggamma = (g * xhat).sum(axis=axes)
     # mean and var depend on x too: subtract the gradient's mean and its
     # projection onto xhat (the standard batch-norm backward).
     gx = _bcast(gamma * invstd, x) * (g - _bcast(gbeta, x) / m - xhat * _bcast(ggamma, x) / m)
-    return gx.astype(x.dtype, copy=False), ggamma.astype(x.dtype), gbeta.astype(x.dtype)
+    return (gx.astype(x.dtype, copy=False), _into(ggamma_out, ggamma, x.dtype),
+            _into(gbeta_out, gbeta, x.dtype))
 
 
 def batch_norm_infer_forward_reference(x, gamma, beta, running_mean, running_var, eps, relu):
     xp = backend.get_array_module(x)
-    xhat = (x - _bcast(running_mean, x)) / xp.sqrt(_bcast(running_var, x) + eps)
-    y = _bcast(gamma, x) * xhat + _bcast(beta, x)
+    y = _affine_reference(x, gamma, beta, running_mean, 1 / xp.sqrt(running_var + eps))
     if relu:
         y = xp.maximum(y, 0)
     return y.astype(x.dtype, copy=False)
 
 
-def batch_norm_infer_backward_reference(gy, x, y, gamma, running_mean, running_var, eps, relu):
+def batch_norm_infer_backward_reference(gy, x, gamma, beta, running_mean, running_var, eps, relu,
+                                        ggamma_out=None, gbeta_out=None):
     xp = backend.get_array_module(x)
     axes = _stat_axes(x)
-    g = gy * (y > 0) if relu else gy
     invstd = 1 / xp.sqrt(running_var + eps)
+    g = gy * (_affine_reference(x, gamma, beta, running_mean, invstd) > 0) if relu else gy
     xhat = (x - _bcast(running_mean, x)) * _bcast(invstd, x)
     gx = g * _bcast(gamma * invstd, x)  # the statistics are constants here
-    return (gx.astype(x.dtype, copy=False), (g * xhat).sum(axis=axes).astype(x.dtype),
-            g.sum(axis=axes).astype(x.dtype))
+    return (gx.astype(x.dtype, copy=False), _into(ggamma_out, (g * xhat).sum(axis=axes), x.dtype),
+            _into(gbeta_out, g.sum(axis=axes), x.dtype))
 
 
 # --------------------------------------------------------------------------
@@ -228,11 +260,24 @@ def _per_element(v, length, dtype):
     return xp.repeat(v.astype(dtype, copy=False), length)
 
 
-def _masked(gy2, y, relu):
-    """The gradient that reaches the affine output: ReLU passes it where y > 0."""
+def _affine_fast(d, gamma, beta, invstd, length, out=None):
+    """(N, C*L) d = x - mean -> y before the ReLU, d * (gamma * invstd) + beta
+    in d's dtype (into ``out``: d itself in the forward). Backward recomputes
+    the mask with it from the same arrays, so the mask is the forward's."""
+    xp = backend.get_array_module(d)
+    dtype = d.dtype
+    k = gamma.astype(dtype, copy=False) * invstd.astype(dtype, copy=False)
+    y = xp.multiply(d, _per_element(k, length, dtype), out=out)
+    y += _per_element(beta, length, dtype)
+    return y
+
+
+def _masked(gy2, d, gamma, beta, invstd, length, relu):
+    """The gradient that reaches the affine output: ReLU passed it where y > 0."""
     if not relu:
         return gy2
-    return gy2 * (y.reshape(gy2.shape) > 0)
+    y = _affine_fast(d, gamma, beta, invstd, length)
+    return backend.get_array_module(y).multiply(gy2, y > 0, out=y)  # into y's memory
 
 
 def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, momentum):
@@ -243,27 +288,26 @@ def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, mo
     mean = _channel_sum(x2, c) / m
     d = x2 - _per_element(mean, length, x.dtype)  # (N, C*L); becomes y in place
     var = _channel_dot(d, d, c) / m  # two-pass variance: sum (x - mean)^2
-    scale = gamma.astype(numpy.float64) / xp.sqrt(var + eps)
-    d *= _per_element(scale, length, x.dtype)
-    d += _per_element(beta, length, x.dtype)
-    if relu:
-        xp.maximum(d, 0, out=d)
     # the statistics in x's dtype before the update and invstd, as the kernels
     # and the reference compute them (float64 here would change every result
     # in its last bits, and with them a whole training run)
     mean, var = mean.astype(x.dtype), var.astype(x.dtype)
     if running_mean is not None:
         update_running_reference(running_mean, running_var, mean, var, m, momentum)
-    return d.reshape(x.shape), mean, 1 / xp.sqrt(var + eps)
+    invstd = 1 / xp.sqrt(var + eps)
+    y = _affine_fast(d, gamma, beta, invstd, length, out=d)
+    if relu:
+        xp.maximum(y, 0, out=y)
+    return y.reshape(x.shape), mean, invstd
 
 
-def _backward_fast(gy, x, y, gamma, mean, invstd, relu):
+def _backward_fast(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None, gbeta_out=None):
     n, c, length = _dims(x)
     m = n * length
     dtype = x.dtype
-    g = _masked(gy.reshape(n, c * length), y, relu)  # (N, C*L)
-    gbeta = _channel_sum(g, c)
     d = x.reshape(n, c * length) - _per_element(mean, length, dtype)  # x - mean, (N, C*L)
+    g = _masked(gy.reshape(n, c * length), d, gamma, beta, invstd, length, relu)  # (N, C*L)
+    gbeta = _channel_sum(g, c)
     invstd = invstd.astype(numpy.float64)
     ggamma = _channel_dot(g, d, c) * invstd  # sum g * xhat, centred: no cancellation
     # gx = k * (g - gbeta / M - xhat * ggamma / M),  k = gamma * invstd,
@@ -273,29 +317,33 @@ def _backward_fast(gy, x, y, gamma, mean, invstd, relu):
     d += _per_element(-gbeta / m, length, dtype)
     d += g
     d *= _per_element(k, length, dtype)
-    return d.reshape(x.shape), ggamma.astype(dtype), gbeta.astype(dtype)
+    return d.reshape(x.shape), _into(ggamma_out, ggamma, dtype), _into(gbeta_out, gbeta, dtype)
+
+
+def _running_invstd(running_var, eps):
+    xp = backend.get_array_module(running_var)
+    return 1 / xp.sqrt(running_var.astype(numpy.float64) + eps)
 
 
 def _infer_forward_fast(x, gamma, beta, running_mean, running_var, eps, relu):
     xp = backend.get_array_module(x)
     n, c, length = _dims(x)
-    scale = gamma.astype(numpy.float64) / xp.sqrt(running_var.astype(numpy.float64) + eps)
-    shift = beta - running_mean * scale  # y = x * scale + shift: one multiply, one add
-    y = x.reshape(n, c * length) * _per_element(scale, length, x.dtype)  # (N, C*L)
-    y += _per_element(shift, length, x.dtype)
+    d = x.reshape(n, c * length) - _per_element(running_mean, length, x.dtype)  # (N, C*L)
+    y = _affine_fast(d, gamma, beta, _running_invstd(running_var, eps), length, out=d)
     if relu:
         xp.maximum(y, 0, out=y)
     return y.reshape(x.shape)
 
 
-def _infer_backward_fast(gy, x, y, gamma, running_mean, running_var, eps, relu):
+def _infer_backward_fast(gy, x, gamma, beta, running_mean, running_var, eps, relu,
+                         ggamma_out=None, gbeta_out=None):
     xp = backend.get_array_module(x)
     n, c, length = _dims(x)
     dtype = x.dtype
-    g = _masked(gy.reshape(n, c * length), y, relu)  # (N, C*L)
-    invstd = 1 / xp.sqrt(running_var.astype(numpy.float64) + eps)
-    d = x.reshape(n, c * length) - _per_element(running_mean, length, dtype)
+    invstd = _running_invstd(running_var, eps)
+    d = x.reshape(n, c * length) - _per_element(running_mean, length, dtype)  # (N, C*L)
+    g = _masked(gy.reshape(n, c * length), d, gamma, beta, invstd, length, relu)
     ggamma = _channel_dot(g, d, c) * invstd
     gbeta = _channel_sum(g, c)
     d = xp.multiply(g, _per_element(gamma * invstd, length, dtype), out=d)  # reuse the buffer
-    return d.reshape(x.shape), ggamma.astype(dtype), gbeta.astype(dtype)
+    return d.reshape(x.shape), _into(ggamma_out, ggamma, dtype), _into(gbeta_out, gbeta, dtype)

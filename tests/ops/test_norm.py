@@ -5,18 +5,26 @@
    implementation;
 2. float64 gradients by finite differences (fast and reference paths);
 3. the NumPy fast path == the reference;
-4. the running statistics, updated inside ``batch_norm_train_forward`` (by
-   bn_fwd_finalize on the kernel path), against PyTorch's formula and
-   ``update_running_reference``, on every implementation;
+4. the running statistics, updated inside ``batch_norm_train_forward`` (on
+   the kernel path by the last block of each channel of bn_fwd_reduce),
+   against PyTorch's formula and ``update_running_reference``, on every
+   implementation;
 5. the CUDA kernels (launchers of minitorch_gx.cuda.norm) against the
    reference, through the CPU emulator (every check on, under every schedule)
    and on a GPU when there is one, at several block sizes, in float32 and
-   float64; float32 variance far from zero;
+   float64, on planes with and without whole 16-byte vectors; float32
+   statistics far from zero (mean 1e4, and mean 1000 with std 0.01); the
+   backward's recomputed ReLU mask is exactly the forward's; the per-channel
+   arrival counts are back at zero after every launch, also after a failed
+   one; the 16-byte path runs where the layout allows;
 6. op-level wiring: batch_norm through the kernels (``run_on("emulated")`` /
    CuPy) equals the fast path, saved state and running statistics included,
    and ``backend.choose`` never sends NumPy arrays to a launcher outside
    ``emulate_kernels()``;
-7. argument checks.
+7. ggamma and gbeta written into the optimizer's own arrays
+   (``Function.grad_buffer``) on every implementation; a training batch norm
+   on the GPU path is four kernel launches and nothing else (traced);
+8. argument checks.
 
 ``batch_norm_train_forward`` returns (y, mean, invstd), invstd = 1 / sqrt(biased
 var + eps); the tests recover var = 1 / invstd^2 - eps where the old ones checked var.
@@ -26,7 +34,7 @@ import pytest
 
 import minitorch_gx as mt
 from minitorch_gx import backend
-from minitorch_gx.cuda import norm as cuda_norm
+from minitorch_gx.cuda import emulator, norm as cuda_norm
 from minitorch_gx.ops import norm
 from minitorch_gx.ops.norm import batch_norm
 from tests.backends import (IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, assert_close, host,
@@ -112,7 +120,8 @@ def test_backward_matches_naive_formula(impl):
     gy = rng.standard_normal(x.shape)
     with run_on(impl) as dev:
         y, mean, invstd = norm.batch_norm_train_forward(dev(x), dev(gamma), dev(beta), 1e-5, False)
-        grads = norm.batch_norm_backward(dev(gy), dev(x), None, dev(gamma), mean, invstd, False)
+        grads = norm.batch_norm_backward(dev(gy), dev(x), dev(gamma), dev(beta), mean, invstd,
+                                         False)
     gx, ggamma, gbeta = (host(a) for a in grads)
     mean, invstd = host(mean), host(invstd)
     for ch in range(2):
@@ -226,9 +235,9 @@ def test_fast_equals_reference_float32(relu):
             rm_new, rv_new = rm.copy(), rv.copy()
             y, mean, invstd = norm.batch_norm_train_forward(x, gamma, beta, 1e-5, relu, rm_new,
                                                             rv_new, 0.1)
-            grads = norm.batch_norm_backward(gy, x, y, gamma, mean, invstd, relu)
+            grads = norm.batch_norm_backward(gy, x, gamma, beta, mean, invstd, relu)
             yi = norm.batch_norm_infer_forward(x, gamma, beta, rm, rv, 1e-5, relu)
-            gi = norm.batch_norm_infer_backward(gy, x, yi, gamma, rm, rv, 1e-5, relu)
+            gi = norm.batch_norm_infer_backward(gy, x, gamma, beta, rm, rv, 1e-5, relu)
             results[name] = (y, mean, invstd) + grads + (yi,) + gi + (rm_new, rv_new)
     for a, b in zip(results["fast"], results["reference"]):
         assert a.dtype == np.float32 and a.shape == b.shape
@@ -251,11 +260,12 @@ def pytorch_running_update(running_mean, running_var, x, momentum):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("momentum", [0.1, 0.3])
 def test_running_statistics_update(impl, momentum):
-    """One training step, 300 channels (two finalize blocks of 256 threads),
-    M = 50 values per channel; the kernels at every block size. The update
-    is checked twice: given the step's own batch statistics (the update's
-    arithmetic, as tightly as the old test of the separate update kernel), and
-    against PyTorch's rule applied to the data (the statistics' accuracy too)."""
+    """One training step, 300 channels, M = 50 values per channel; the
+    kernels (where the last block of each channel updates them) at every block
+    size. The update is checked twice: given the step's own batch statistics
+    (the update's arithmetic, as tightly as the old test of the separate
+    update kernel), and against PyTorch's rule applied to the data (the
+    statistics' accuracy too)."""
     rng = np.random.default_rng(2)
     c, m = 300, 50
     x = (rng.standard_normal((2, c, 5, 5)) * 1.5 + rng.standard_normal((1, c, 1, 1))).astype(
@@ -311,7 +321,11 @@ def test_running_statistics_after_several_steps(impl, momentum):
 # ==========================================================================
 # 5. The CUDA kernels against the reference (emulator; GPU when present)
 # ==========================================================================
-BN_SHAPES = [(3, 5, 7, 9), (2, 70, 3, 1), (4, 3, 1, 1), (1, 2, 37, 41), (6, 3, 20, 20)]
+# HW = 63, 3, 1, 1517, 400, 49, 3136 (as ResNeXt50's 56x56 maps), 6 (a whole
+# number of 16-byte vectors in float64 only); several chunks per channel at some
+# block sizes (1x2x37x41 at 64 threads, 6x3x20x20, 2x2x56x56), tails everywhere
+BN_SHAPES = [(3, 5, 7, 9), (2, 70, 3, 1), (4, 3, 1, 1), (1, 2, 37, 41), (6, 3, 20, 20),
+             (2, 3, 7, 7), (2, 2, 56, 56), (3, 4, 2, 3)]
 # ResNeXt50's own sizes: GPU only, far too slow for the emulator
 BN_GPU_SHAPES = [(4, 256, 56, 56), (4, 2048, 7, 7), (4, 64, 112, 112)]
 # (rtol, atol) per quantity, as the emulator and GPU tests had them; the
@@ -335,6 +349,11 @@ def _bn_data(shape, x_scale, x_offset, seed, dtype):
     return x, gamma, beta, gy, rmean, rvar
 
 
+def _masked_by(gy64, y, relu):
+    """gy where the kernels' own forward gave y > 0 (relu), else gy."""
+    return gy64 * (host(y) > 0) if relu else gy64
+
+
 def _check_kernels(impl, shape, relu, x_scale, x_offset, seed, dtype=np.float32):
     """Every launcher of cuda/norm.py against the float64 reference."""
     tol = BN_TOL[impl] if dtype == np.float32 else BN_TOL_FLOAT64
@@ -344,10 +363,10 @@ def _check_kernels(impl, shape, relu, x_scale, x_offset, seed, dtype=np.float32)
     with run_on(impl) as dev:
         xd, gd, bd, gyd = dev(x), dev(gamma), dev(beta), dev(gy)
         y, mean, invstd = cuda_norm.batch_norm_train_forward(xd, gd, bd, 1e-5, relu)
-        train_grads = cuda_norm.batch_norm_backward(gyd, xd, y, gd, mean, invstd, relu)
+        train_grads = cuda_norm.batch_norm_backward(gyd, xd, gd, bd, mean, invstd, relu)
         yi = cuda_norm.batch_norm_infer_forward(xd, gd, bd, dev(rmean), dev(rvar), 1e-5, relu)
-        infer_grads = cuda_norm.batch_norm_infer_backward(gyd, xd, yi, gd, dev(rmean), dev(rvar),
-                                                          1e-5, relu)
+        infer_grads = cuda_norm.batch_norm_infer_backward(gyd, xd, gd, bd, dev(rmean),
+                                                          dev(rvar), 1e-5, relu)
     for a in (y, mean, invstd, yi) + train_grads + infer_grads:
         assert a.dtype == dtype
 
@@ -359,16 +378,18 @@ def _check_kernels(impl, shape, relu, x_scale, x_offset, seed, dtype=np.float32)
     assert_close(invstd, invstd_ref, tol["var"][0], 0, "batch invstd")
     assert_close(y, y_ref, *tol["y"], "train forward y")
 
+    # the reference without relu on gy masked where the kernels' forward gave y > 0:
+    # a backward kernel whose recomputed mask differed anywhere would be far off there
     rtol, factor = tol["grad"]
-    refs = norm.batch_norm_backward_reference(gy64, x64, host(y).astype(np.float64), gamma,
-                                              host(mean), host(invstd), relu)
+    refs = norm.batch_norm_backward_reference(_masked_by(gy64, y, relu), x64, gamma, beta,
+                                              host(mean), host(invstd), False)
     for got, ref, name in zip(train_grads, refs, ("gx", "ggamma", "gbeta")):
         assert_close(got, ref, rtol, scaled(ref, factor), f"train backward {name}")
 
     yi_ref = norm.batch_norm_infer_forward_reference(x64, gamma, beta, rmean, rvar, 1e-5, relu)
     assert_close(yi, yi_ref, *tol["y"], "inference forward")
-    refs = norm.batch_norm_infer_backward_reference(gy64, x64, yi_ref, gamma, rmean, rvar, 1e-5,
-                                                    relu)
+    refs = norm.batch_norm_infer_backward_reference(_masked_by(gy64, yi, relu), x64, gamma, beta,
+                                                    rmean, rvar, 1e-5, False)
     for got, ref, name in zip(infer_grads, refs, ("gx", "ggamma", "gbeta")):
         assert_close(got, ref, rtol, scaled(ref, factor), f"inference backward {name}")
 
@@ -381,25 +402,29 @@ def test_batch_norm_kernels_match_reference(impl, shape, relu, block_size):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
-@pytest.mark.parametrize("shape", [BN_SHAPES[0], BN_SHAPES[1], BN_SHAPES[3]],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [BN_SHAPES[0], BN_SHAPES[1], BN_SHAPES[3], BN_SHAPES[6],
+                                   BN_SHAPES[7]], ids=lambda s: "x".join(map(str, s)))
 def test_batch_norm_kernels_float64(impl, shape, block_size):
     _check_kernels(impl, shape, True, x_scale=3, x_offset=5, seed=8, dtype=np.float64)
 
 
 @needs_emulator
-@pytest.mark.parametrize("shape", [BN_SHAPES[0], BN_SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [BN_SHAPES[0], BN_SHAPES[3], BN_SHAPES[4], BN_SHAPES[6]],
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_batch_norm_kernels_give_the_same_bits_under_every_schedule(shape, dtype, block_size):
+    """Also with several chunks per channel (6x3x20x20, 2x2x56x56 at every block
+    size): the channel's last block differs from schedule to schedule, its
+    merge of the partials does not."""
     x, gamma, beta, gy, rmean, rvar = _bn_data(shape, 3, 5, 9, dtype)
 
     def run():
         rm, rv = rmean.copy(), rvar.copy()
         y, mean, invstd = cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, True, rm, rv)
-        grads = cuda_norm.batch_norm_backward(gy, x, y, gamma, mean, invstd, True)
-        yi = cuda_norm.batch_norm_infer_forward(x, gamma, beta, rmean, rvar, 1e-5, False)
+        grads = cuda_norm.batch_norm_backward(gy, x, gamma, beta, mean, invstd, True)
+        yi = cuda_norm.batch_norm_infer_forward(x, gamma, beta, rmean, rvar, 1e-5, True)
         return (y, mean, invstd, rm, rv, yi) + grads + cuda_norm.batch_norm_infer_backward(
-            gy, x, yi, gamma, rmean, rvar, 1e-5, False)
+            gy, x, gamma, beta, rmean, rvar, 1e-5, True)
 
     same_bits_under_every_schedule(run, f"batch norm {shape}")
 
@@ -441,6 +466,157 @@ def test_float32_variance_is_stable_under_a_large_mean(impl, std, shape, seed, r
                  "std of y")
 
 
+# (rtol of the variance) the kernels centre on their exact mean; the host paths
+# on a float32 mean, off by up to half an ulp of 1000 (fast) or a float32
+# summation error (reference), which adds its square to the variance
+LARGE_MEAN_RTOL = {"reference": 5e-4, "fast": 5e-5, "emulated": 2e-6, "cupy": 2e-6}
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", [(8, 2, 16, 16), (4, 3, 7, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("outlier", [False, True], ids=["plain", "first-value-50-std-out"])
+def test_float32_statistics_at_mean_1000_std_0_01(impl, shape, outlier):
+    """x = 1000 + 0.01 * noise in float32, where E[x^2] - E[x]^2 keeps no digit
+    of the variance (checked here) and the old kernels' Welford means (1000,
+    to float32's 6e-5) left 1e-3: against the float64 statistics of the same
+    float32 data, the kernels at every block size (vector and scalar paths,
+    one and several chunks per channel), also when the first value of every
+    channel, the kernels' pivot, is 50 standard deviations out."""
+    rng = np.random.default_rng(13)
+    x = (1000 + 0.01 * rng.standard_normal(shape)).astype(np.float32)
+    if outlier:
+        x[0, :, 0, 0] = 1000.5
+    c = shape[1]
+    x64 = x.astype(np.float64)
+    mean64, var64 = x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3))
+    naive = (x * x).mean(axis=(0, 2, 3)) - x.mean(axis=(0, 2, 3)) ** 2  # all float32
+    assert np.all(np.abs(naive / var64 - 1) > 0.5), "the naive variance should fail here"
+    ones, zeros = np.ones(c, np.float32), np.zeros(c, np.float32)
+    for name, threads in (BLOCK_SIZES.items() if impl in KERNELS else [("default", {})]):
+        with launch_shapes(**threads), run_on(impl) as dev:
+            y, mean, invstd = norm.batch_norm_train_forward(dev(x), dev(ones), dev(zeros), 0.0,
+                                                            False)
+        assert_close(mean, mean64, 2e-7, 0, f"mean ({name})")
+        assert_close(var_of(invstd, 0.0), var64, LARGE_MEAN_RTOL[impl], 0, f"variance ({name})")
+        assert_close(host(y).astype(np.float64).reshape(shape[0], c, -1).std(axis=(0, 2)),
+                     np.ones(c), LARGE_MEAN_RTOL[impl], 0, f"std of y ({name})")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_backward_relu_mask_is_exactly_the_forward_s(impl, dtype, training):
+    """The backward recomputes the ReLU mask from x instead of reading y. Every
+    value of a channel sits at one of five levels, and beta puts y at one level
+    within rounding of 0 (either side); with gy = 1, gbeta counts the values
+    the backward let through, which must be exactly the forward's count of
+    y > 0: one rounding done differently would flip that whole level."""
+    rng = np.random.default_rng(21)
+    shape, c = (4, 8, 5, 6), 8  # the rounding is upward in about half of the channels
+    levels = np.array([0.0, 0.7, 1.3, 2.9, 4.1], dtype)
+    x = levels[rng.integers(0, 5, shape)]
+    gamma = rng.uniform(0.5, 1.5, c).astype(dtype)
+    rm, rv = rng.uniform(1, 2, c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    if training:  # the statistics as this implementation computes them (beta plays no part)
+        with run_on(impl) as dev:
+            _, mean, invstd = norm.batch_norm_train_forward(dev(x), dev(gamma), dev(gamma), 1e-5,
+                                                            True)
+        mean, invstd = host(mean), host(invstd)
+    else:  # as the kernels compute them
+        mean, invstd = rm, 1 / np.sqrt(rv + dtype(1e-5))
+    d0 = levels[2] - mean  # x - mean at level 1.3, in x's dtype
+    beta = -(d0 * (gamma * invstd))  # y = d0 * k + beta: the rounding of d0 * k, or 0
+    ones = np.ones(shape, dtype)
+    with run_on(impl) as dev:
+        if training:
+            y, m, s = norm.batch_norm_train_forward(dev(x), dev(gamma), dev(beta), 1e-5, True)
+            _, _, gbeta = norm.batch_norm_backward(dev(ones), dev(x), dev(gamma), dev(beta), m,
+                                                   s, True)
+        else:
+            y = norm.batch_norm_infer_forward(dev(x), dev(gamma), dev(beta), dev(rm), dev(rv),
+                                              1e-5, True)
+            _, _, gbeta = norm.batch_norm_infer_backward(dev(ones), dev(x), dev(gamma), dev(beta),
+                                                         dev(rm), dev(rv), 1e-5, True)
+    np.testing.assert_array_equal(host(gbeta), (host(y) > 0).sum(axis=(0, 2, 3)))
+
+
+@needs_emulator
+def test_the_arrival_counts_are_zero_after_every_launch(block_size):
+    """Launches in a row share the per-channel counts: training forward and
+    backward at two shapes of 3 channels (one chunk per channel, and several),
+    then the first again. Both runs of it give the same bits, and every count
+    is back at 0 (one left over would make a later launch finalize too early,
+    reading partials not yet written, or never)."""
+    def step(shape, seed):
+        x, gamma, beta, gy, rm, rv = _bn_data(shape, 3, 5, seed, np.float32)
+        y, mean, invstd = cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, True, rm, rv)
+        return (y, mean, invstd, rm, rv) + cuda_norm.batch_norm_backward(gy, x, gamma, beta, mean,
+                                                                        invstd, True)
+
+    first = step((6, 3, 20, 20), 1)
+    step((1, 3, 2, 2), 2)
+    again = step((6, 3, 20, 20), 1)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    counts = cuda_norm._arrival_counts(emulator.device(), first[0], cuda_norm.MAX_CHANNELS)
+    assert not counts.any()
+
+
+@needs_emulator
+def test_a_launch_stopped_part_way_leaves_no_count_behind(monkeypatch):
+    """A reduce launch that stops after one block has counted itself (here a
+    stand-in EmuError) must not hand that count to the next launch."""
+    x, gamma, beta, *_ = _bn_data((6, 3, 20, 20), 3, 5, 0, np.float32)  # 2 chunks per channel
+    expect = cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, True)
+    launch = emulator.EmuDevice.launch
+
+    def stopped(self, file, kernel, grid, block, args, *rest, **kwargs):
+        if kernel == "bn_fwd_reduce":
+            args[2][0] += 1  # block (0, 0) arrived
+            raise emulator.EmuError("stopped part-way")
+        return launch(self, file, kernel, grid, block, args, *rest, **kwargs)
+
+    monkeypatch.setattr(emulator.EmuDevice, "launch", stopped)
+    with pytest.raises(emulator.EmuError, match="part-way"):
+        cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, True)
+    monkeypatch.setattr(emulator.EmuDevice, "launch", launch)
+    for a, b in zip(cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, True), expect):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype,plane,vec", [(np.float32, (20, 20), 1), (np.float32, (7, 9), 0),
+                                             (np.float32, (7, 7), 0), (np.float32, (1, 1), 0),
+                                             (np.float64, (2, 3), 1), (np.float64, (7, 7), 0)])
+def test_the_kernels_move_16_bytes_at_a_time_where_the_layout_allows(dtype, plane, vec,
+                                                                    monkeypatch):
+    """vec = 1 (16-byte loads and stores) exactly when a plane holds whole
+    16-byte vectors (HW % 4 == 0 in float32, % 2 in float64) and the arrays
+    are aligned; a view one element off its buffer's alignment gets 0."""
+    seen, launch = [], emulator.EmuDevice.launch
+
+    def spy(self, file, kernel, grid, block, args, *rest, **kwargs):
+        params = emulator.build(file, tuple(kwargs.get("defines", ()))).parameters(kernel)
+        if "vec" in params:
+            seen.append((kernel, int(args[params.index("vec")])))
+        return launch(self, file, kernel, grid, block, args, *rest, **kwargs)
+
+    monkeypatch.setattr(emulator.EmuDevice, "launch", spy)
+    x, gamma, beta, gy, rm, rv = _bn_data((2, 3) + plane, 1, 0, 0, dtype)
+    y, mean, invstd = cuda_norm.batch_norm_train_forward(x, gamma, beta, 1e-5, True)
+    cuda_norm.batch_norm_backward(gy, x, gamma, beta, mean, invstd, True)
+    cuda_norm.batch_norm_infer_forward(x, gamma, beta, rm, rv, 1e-5, True)
+    cuda_norm.batch_norm_infer_backward(gy, x, gamma, beta, rm, rv, 1e-5, True)
+    assert seen == [(k, vec) for k in ("bn_fwd_reduce", "bn_fwd_apply", "bn_bwd_reduce",
+                                       "bn_bwd_apply", "bn_fwd_apply", "bn_bwd_reduce",
+                                       "bn_bwd_apply")]
+    a = np.zeros(1604, np.float32)
+    start = (-a.ctypes.data % 16) // 4  # the first 16-byte aligned element
+    assert cuda_norm._vec(400, a[start:start + 1600]) == 1
+    assert cuda_norm._vec(400, a[start + 1:start + 1601]) == 0
+
+
 # ==========================================================================
 # 6. Op-level wiring: batch_norm through the kernels equals the fast path
 # ==========================================================================
@@ -461,7 +637,7 @@ def _spy_on_launchers(monkeypatch):
 
 def _bn_op(impl, x, gamma, beta, training, relu):
     """batch_norm run on ``impl`` -> y, its gradients, the state saved for
-    backward (batch mean, invstd, the ReLU output) and the running statistics."""
+    backward (batch mean, invstd) and the running statistics."""
     c = x.shape[1]
     rng = np.random.default_rng(9)
     gy = rng.standard_normal(x.shape).astype(x.dtype)
@@ -476,8 +652,7 @@ def _bn_op(impl, x, gamma, beta, training, relu):
         y = batch_norm(tensors[0], rm, rv, tensors[1], tensors[2], training=training, relu=relu)
         f = y.creator
         saved = {"mean": host(f.mean), "invstd": host(f.invstd)} if training else {}
-        if relu:
-            saved["y"] = host(f.y)
+        assert not hasattr(f, "y")  # the ReLU mask is recomputed from x
         y.backward(dev(gy))
     grads = [host(t.grad) for t in tensors]
     return host(y.data), grads, saved, (host(rm), host(rv))
@@ -533,7 +708,99 @@ def test_launchers_are_not_called_for_host_arrays(monkeypatch):
 
 
 # ==========================================================================
-# 7. Argument checks
+# 7. Parameter gradients into the optimizer's arrays; the GPU path's launches
+# ==========================================================================
+def _bn_with_parameters(impl, training, zero_grad, dtype=np.float32):
+    """batch_norm (relu) forward and backward with gamma, beta as Parameters of
+    an SGD (its zero_grad() called when zero_grad) -> gamma, beta, the SGD."""
+    from minitorch_gx.nn import Parameter
+    from minitorch_gx.optim import SGD
+    x, gamma, beta, gy, rm, rv = _bn_data((3, 4, 5, 6), 2, 1, 5, dtype)
+    with run_on(impl) as dev:
+        g, b = Parameter(dev(gamma)), Parameter(dev(beta))
+        opt = SGD([g, b], lr=0.1)
+        if zero_grad:
+            opt.zero_grad()
+        y = batch_norm(mt.Tensor(dev(x)), dev(rm), dev(rv), g, b, training=training, relu=True)
+        y.backward(dev(gy))
+    return g, b, opt
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parameter_gradients_are_written_into_the_optimizer_s_arrays(impl, training, dtype):
+    """After zero_grad() the backward writes ggamma and gbeta into the
+    optimizer's own gradient views (Function.grad_buffer), which stay the
+    parameters' grad, with the very values of the plain path."""
+    plain = _bn_with_parameters(impl, training, False, dtype)
+    g, b, opt = _bn_with_parameters(impl, training, True, dtype)
+    for p, (_, view, _), q in zip((g, b), opt._views, plain):
+        assert p.grad is view and not p.grad_is_zero and p.grad.dtype == dtype
+        np.testing.assert_array_equal(host(p.grad), host(q.grad))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float64], ids=["same-dtype", "float64"])
+def test_backward_steps_return_the_arrays_they_are_given(impl, out_dtype):
+    """ggamma_out, gbeta_out: filled (every element; they start as NaN) and
+    returned themselves, values as without them; an array of another dtype
+    than x is filled too (the kernels write a new one and copy it in)."""
+    x, gamma, beta, gy, rm, rv = _bn_data((3, 4, 5, 6), 2, 1, 6, np.float32)
+    with run_on(impl) as dev:
+        args = [dev(gy), dev(x), dev(gamma), dev(beta)]
+        _, mean, invstd = norm.batch_norm_train_forward(dev(x), dev(gamma), dev(beta), 1e-5, True)
+        steps = [(norm.batch_norm_backward, args + [mean, invstd, True]),
+                 (norm.batch_norm_infer_backward, args + [dev(rm), dev(rv), 1e-5, True])]
+        for step, step_args in steps:
+            expect = step(*step_args)
+            outs = [dev(np.full(4, np.nan, out_dtype)) for _ in range(2)]
+            got = step(*step_args, *outs)
+            assert got[1] is outs[0] and got[2] is outs[1]
+            for a, b in zip(got, expect):
+                assert_close(a, b, 0 if out_dtype == np.float32 else 1e-7, 0, step.__name__)
+
+
+def test_a_training_batch_norm_is_four_launches_on_the_gpu_path():
+    """Traced (no GPU needed): forward and backward of a training batch norm
+    with gamma and beta learned are bn_fwd_reduce, bn_fwd_apply,
+    bn_bwd_reduce, bn_bwd_apply and nothing else (no generic CuPy operation:
+    the parameter gradients land in the optimizer's arrays, nothing is added
+    or copied), touching the tensor 1 + 2 times forward and 2 + 3 backward (y
+    is not read back). The per-channel counts are one host-to-device copy the
+    first time, never again."""
+    from minitorch_gx.cuda import trace
+    from minitorch_gx.nn import Parameter
+    from minitorch_gx.optim import SGD
+    shape, c = (4, 8, 6, 6), 8
+    rng = np.random.default_rng(0)
+    with trace.fake_gpu(record=False):
+        gamma = Parameter(trace.to_gpu(np.ones(c, np.float32)))
+        beta = Parameter(trace.to_gpu(np.zeros(c, np.float32)))
+        opt = SGD([gamma, beta], lr=0.1)
+        rm, rv = trace.to_gpu(np.zeros(c, np.float32)), trace.to_gpu(np.ones(c, np.float32))
+        x = mt.Tensor(trace.to_gpu(rng.standard_normal(shape).astype(np.float32)))
+        gy = trace.to_gpu(rng.standard_normal(shape).astype(np.float32))
+    steps = []
+    with trace.fake_gpu() as launches:
+        for _ in range(2):
+            with trace.fake_gpu(record=False):
+                opt.zero_grad()
+            launches.clear()
+            batch_norm(x, rm, rv, gamma, beta, training=True, relu=True).backward(gy)
+            steps.append(list(launches))
+    first, second = steps
+    assert [(k.kind, k.name) for k in first[:1]] == [("h2d", "host -> device copy")]
+    kernels = ["bn_fwd_reduce", "bn_fwd_apply", "bn_bwd_reduce", "bn_bwd_apply"]
+    for launched in (first[1:], second):
+        assert [(k.kind, k.name) for k in launched] == [("kernel", name) for name in kernels]
+        assert [k.bytes // x.data.nbytes for k in launched] == [1, 2, 2, 3]
+    for p, (_, view, _) in zip((gamma, beta), opt._views):
+        assert p.grad is view
+
+
+# ==========================================================================
+# 8. Argument checks
 # ==========================================================================
 def test_bad_arguments_raise():
     x = np.zeros((1, 3, 1, 1))
