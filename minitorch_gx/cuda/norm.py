@@ -7,6 +7,10 @@ way; bn_bwd_apply), inference forward and backward (bn_infer_prepare first).
 The reduce kernels find the last block of each channel with a per-channel
 counter (``_arrival_counts``): a small device buffer kept here, zeroed once per
 device and left at zero by every launch.
+
+Activations in CNHW memory (the GPU path's layout, see ``device.py``) are
+normalised as they are: the (1, C, N*H*W) array of their memory has the same
+statistics, in one long run per channel, and the results keep the layout.
 """
 import weakref
 
@@ -14,7 +18,7 @@ import numpy
 
 from .device import LAUNCH, blocks as _blocks, check_size as _check_size
 from .device import check_threads as _check_threads, defines as _defines, device_for
-from .device import inplace as _inplace
+from .device import inplace as _inplace, is_cnhw as _is_cnhw
 from .device import write_back as _write_back
 
 _i32 = numpy.int32
@@ -29,6 +33,23 @@ def _bn_dims(x):
         raise ValueError(f"batch norm kernels handle at most {MAX_CHANNELS} channels, got {c}")
     _check_size(x=x)
     return n, c, x.size // (n * c)
+
+
+def _channel_rows(x):
+    """(x as the kernels take it, a function giving a result x's layout): a
+    CNHW array becomes the (1, C, N*H*W) array of its memory (a view)."""
+    if not _is_cnhw(x):
+        return x, lambda a: a
+    n, c = x.shape[:2]
+    rest = tuple(x.shape[2:])
+    return (x.transpose(1, 0, 2, 3).reshape(1, c, -1),
+            lambda a: a.reshape((c, n) + rest).transpose(1, 0, 2, 3))
+
+
+def _like_rows(a, x_was_cnhw, rows_shape):
+    """``a`` (x's logical shape) in the kernels' view of x: through x's memory
+    order when x was CNHW (a copy if ``a`` is not CNHW itself)."""
+    return a.transpose(1, 0, 2, 3).reshape(rows_shape) if x_was_cnhw else a
 
 
 def _bn_splits(m, c):
@@ -105,6 +126,7 @@ def batch_norm_train_forward(x, gamma, beta, eps, relu, running_mean=None, runni
     channel also updates running_mean/running_var (C,) in place, when given)
     and bn_fwd_apply, y = (x - mean) * gamma * invstd + beta."""
     dev, dtype = device_for(x), x.dtype
+    x, restore = _channel_rows(x)
     n, c, hw = _bn_dims(x)
     x = dev.input(x, dtype)
     gamma, beta = _bn_vectors(dev, dtype, gamma, beta)
@@ -128,15 +150,19 @@ def batch_norm_train_forward(x, gamma, beta, eps, relu, running_mean=None, runni
     _bn_launch(dev, "bn_fwd_apply", (splits, c), [x, y, mean, invstd, gamma, beta] + dims +
                [_i32(bool(relu))], dtype)
     dev.check_written(y, mean, invstd)
-    return y, mean, invstd
+    return restore(y), mean, invstd
 
 
 def _bn_backward(dev, gy, x, gamma, beta, mean, invstd, relu, inv_count, ggamma_out, gbeta_out):
     """bn_bwd_reduce (gbeta, ggamma, by the last block of each channel) and
-    bn_bwd_apply (gx); both recompute the ReLU mask from x as the forward did."""
+    bn_bwd_apply (gx); both recompute the ReLU mask from x as the forward did.
+    x (and gy, brought to it) and gx in x's layout."""
     dtype = x.dtype
+    cnhw = _is_cnhw(x)
+    x, restore = _channel_rows(x)
+    x = dev.input(x, dtype)
     n, c, hw = _bn_dims(x)
-    gy = dev.input(gy, dtype)
+    gy = dev.input(_like_rows(gy, cnhw, x.shape), dtype)
     vectors = _bn_vectors(dev, dtype, mean, invstd, gamma, beta)
     splits = _bn_splits(n * hw, c)
     gx = dev.empty(x.shape, dtype)
@@ -149,7 +175,7 @@ def _bn_backward(dev, gy, x, gamma, beta, mean, invstd, relu, inv_count, ggamma_
     _bn_launch(dev, "bn_bwd_apply", (splits, c), [gy, x] + vectors + [ggamma, gbeta, gx] + dims +
                [dtype.type(inv_count), _i32(bool(relu))], dtype)
     dev.check_written(gx, ggamma, gbeta)
-    return gx, _returned(ggamma_out, ggamma), _returned(gbeta_out, gbeta)
+    return restore(gx), _returned(ggamma_out, ggamma), _returned(gbeta_out, gbeta)
 
 
 def batch_norm_backward(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None,
@@ -160,7 +186,6 @@ def batch_norm_backward(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None,
     they must be C-contiguous of x's dtype, else they are copied in) and they
     are the arrays returned."""
     dev = device_for(x)
-    x = dev.input(x, x.dtype)
     n, c, hw = _bn_dims(x)
     return _bn_backward(dev, gy, x, gamma, beta, mean, invstd, relu, 1.0 / (n * hw),
                         ggamma_out, gbeta_out)
@@ -179,6 +204,7 @@ def batch_norm_infer_forward(x, gamma, beta, running_mean, running_var, eps, rel
     """Eval-mode forward with the running statistics -> y like x (bn_infer_prepare,
     bn_fwd_apply)."""
     dev, dtype = device_for(x), x.dtype
+    x, restore = _channel_rows(x)
     n, c, hw = _bn_dims(x)
     x = dev.input(x, dtype)
     invstd = _bn_invstd(dev, dtype, c, running_var, eps)
@@ -189,7 +215,7 @@ def batch_norm_infer_forward(x, gamma, beta, running_mean, running_var, eps, rel
     _bn_launch(dev, "bn_fwd_apply", (splits, c), [x, y, mean, invstd, gamma, beta] + dims +
                [_i32(bool(relu))], dtype)
     dev.check_written(y)
-    return y
+    return restore(y)
 
 
 def batch_norm_infer_backward(gy, x, gamma, beta, running_mean, running_var, eps, relu,
@@ -198,7 +224,6 @@ def batch_norm_infer_backward(gy, x, gamma, beta, running_mean, running_var, eps
     ggamma_out, gbeta_out as for ``batch_norm_backward``."""
     dev, dtype = device_for(x), x.dtype
     n, c, hw = _bn_dims(x)
-    x = dev.input(x, dtype)
     invstd = _bn_invstd(dev, dtype, c, running_var, eps)
     return _bn_backward(dev, gy, x, gamma, beta, running_mean, invstd, relu, 0.0, ggamma_out,
                         gbeta_out)

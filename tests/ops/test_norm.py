@@ -34,7 +34,7 @@ import pytest
 
 import minitorch_gx as mt
 from minitorch_gx import backend
-from minitorch_gx.cuda import emulator, norm as cuda_norm
+from minitorch_gx.cuda import device as cuda_device, emulator, norm as cuda_norm
 from minitorch_gx.ops import norm
 from minitorch_gx.ops.norm import batch_norm
 from tests.backends import (IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS, assert_close, host,
@@ -808,3 +808,32 @@ def test_bad_arguments_raise():
         batch_norm(x, None, None, None, None, training=True)
     with pytest.raises(ValueError, match="weight has shape"):
         batch_norm(np.zeros((2, 3, 2, 2)), None, None, mt.Tensor(np.ones(4)), None, training=True)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("relu", [False, True])
+def test_cnhw_memory_is_normalised_as_it_is_and_keeps_its_layout(impl, relu):
+    """The GPU path's CNHW activations: the same results as NCHW (to rounding:
+    the statistics are chunked differently), outputs in CNHW memory, no copy."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 6, 5, 7)).astype(np.float32)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma, beta = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    with run_on(impl) as dev:
+        def cnhw(a):
+            return dev(np.ascontiguousarray(a.transpose(1, 0, 2, 3))).transpose(1, 0, 2, 3)
+        results = []
+        for layout in (dev, cnhw):
+            rm, rv = dev(np.zeros(6, np.float32)), dev(np.ones(6, np.float32))
+            y, mean, invstd = cuda_norm.batch_norm_train_forward(layout(x), dev(gamma), dev(beta),
+                                                                 1e-5, relu, rm, rv, 0.1)
+            gx, gg, gb = cuda_norm.batch_norm_backward(layout(gy), layout(x), dev(gamma),
+                                                       dev(beta), mean, invstd, relu)
+            yi = cuda_norm.batch_norm_infer_forward(layout(x), dev(gamma), dev(beta), rm, rv,
+                                                    1e-5, relu)
+            results.append([y, gx, yi, mean, invstd, gg, gb, rm, rv])
+        for a in results[1][:3]:
+            assert cuda_device.is_cnhw(a)
+    for name, a, b in zip("y gx y_infer mean invstd ggamma gbeta running_mean running_var".split(),
+                          *results):
+        assert_close(a, b, 1e-5, 1e-5, f"{impl} CNHW vs NCHW {name}")
