@@ -75,11 +75,15 @@ softmax_xent_fwd(const real* __restrict__ z, const long long* __restrict__ label
 extern "C" __global__ void __launch_bounds__(XENT_THREADS)
 softmax_xent_bwd(const real* __restrict__ z, const long long* __restrict__ labels,
                  const real* __restrict__ lse, const real* __restrict__ gloss,
-                 real* __restrict__ gz, int N, int K, real on, real off) {
+                 real* __restrict__ gz, int N, int K, real on, real off, int gstride,
+                 real gscale) {
+    // row i's upstream gradient is gloss[i * gstride] * gscale: gstride 0 and
+    // gscale 1/N for the mean of the losses, with no (N,) array made for it
     const int i = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= K) return;
     long long e = (long long)i * K + k;
     const long long y = labels[i];
     real target = k == y ? on : off;
-    gz[e] = y >= 0 && y < K ? (exp(z[e] - lse[i]) - target) * gloss[i] : (real)nan("");
+    gz[e] = y >= 0 && y < K ? (exp(z[e] - lse[i]) - target) * gloss[(long long)i * gstride] * gscale
+                            : (real)nan("");
 }

@@ -53,13 +53,18 @@ def softmax_cross_entropy_forward(logits, labels, label_smoothing):
     return loss, lse
 
 
-def softmax_cross_entropy_backward(logits, labels, lse, gloss, label_smoothing):
-    """glogits (N, K) = (softmax - target) * gloss[:, None]; gloss (N,) per-row gradients."""
+def softmax_cross_entropy_backward(logits, labels, lse, gloss, label_smoothing, scale=1.0):
+    """glogits (N, K) = (softmax - target) * gloss[:, None] * scale; gloss (N,)
+    per-row gradients, or one value for every row (the gradient of a mean or
+    a sum of the losses: pass it with scale 1/N or 1, and no (N,) array is made)."""
     dev, dtype = device_for(logits), logits.dtype
     n, k = logits.shape
     logits, labels = dev.input(logits, dtype), dev.input(labels, numpy.int64)
     _check_labels(dev, labels, n, k)
     lse, gloss = dev.input(lse, dtype), dev.input(gloss, dtype)
+    if gloss.size not in (1, n):
+        raise ValueError(f"softmax_cross_entropy_backward: gloss must hold 1 or {n} values, "
+                         f"got {gloss.size}")
     on, off = _smoothing(k, label_smoothing)
     gz = dev.empty((n, k), dtype)
     threads = LAUNCH["XENT_THREADS"]
@@ -67,6 +72,7 @@ def softmax_cross_entropy_backward(logits, labels, lse, gloss, label_smoothing):
         raise ValueError(f"softmax_cross_entropy_backward handles at most 65535 rows, got {n}")
     dev.launch("softmax_cross_entropy.cu", "softmax_xent_bwd", (-(-k // threads), n), (threads,),
                [logits, labels, lse, gloss, gz, _i32(n), _i32(k), dtype.type(on),
-                dtype.type(off)], defines=_defines(dtype, "XENT_THREADS"))
+                dtype.type(off), _i32(1 if gloss.size == n and n > 1 else 0), dtype.type(scale)],
+               defines=_defines(dtype, "XENT_THREADS"))
     dev.check_written(gz)
     return gz

@@ -3,6 +3,7 @@
 """
 import numpy
 
+from .. import backend
 from .device import LAUNCH, blocks as _blocks, defines as _defines, device_for
 from .device import inplace as _inplace, write_back as _write_back
 
@@ -28,7 +29,7 @@ def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta, skip=None):
     groups = len(group_end)
     if groups < 1 or not len(lrs) == len(wds) == len(momenta) == groups:
         raise ValueError("sgd: group_end, lrs, wds and momenta need one entry per group")
-    if isinstance(group_end, numpy.ndarray) and int(group_end[-1]) != n:
+    if backend.get_array_module(group_end) is numpy and int(group_end[-1]) != n:
         # checked on the host only: reading a device array back would stall every step
         raise ValueError(f"sgd: the last group ends at {int(group_end[-1])}, the buffers hold {n}")
     group_end = dev.input(group_end, numpy.int64)

@@ -27,7 +27,8 @@ What each device operation counts (the floor a GPU cannot beat):
 Values are not computed by the recorded kernels (their outputs are left as
 allocated), so a traced step costs little more than its NumPy GEMMs.
 Assumptions, not measurements: CuPy's batched ``matmul`` as one launch, its
-``mean`` as two (sum, divide), a reshape that must copy as one copy.
+``mean`` as one reduction (CuPy fuses the division into it), a reshape that
+must copy as one copy.
 """
 import collections
 import contextlib
@@ -144,6 +145,11 @@ class TracedArray(numpy.ndarray):
         if self.size and not numpy.shares_memory(result, _plain(self)):
             _record("cupy", "copy (reshape)", 2 * self.nbytes)
         return _wrap(result)
+
+    def mean(self, axis=None, dtype=None, out=None, keepdims=False):
+        result = _plain(self).mean(axis=axis, dtype=dtype, out=_plain(out), keepdims=keepdims)
+        _record("cupy", "mean", self.nbytes + _nbytes(numpy.asarray(result)), self.size)
+        return out if out is not None else _wrap(result)
 
     def ravel(self, order="C"):
         return self.reshape(-1)
@@ -334,9 +340,11 @@ def to_gpu(a):
 @contextlib.contextmanager
 def fake_gpu(record=True):
     """Inside, the package runs its GPU path on TracedArrays; yields the list
-    of Launches recorded (with ``record``)."""
+    of Launches recorded (with ``record``). Every block sees the same fake
+    device, as a process sees its GPU: what a launcher makes once per device
+    (the batch-norm counters) is made by the first block that needs it."""
     global _trace
-    fake, dev = FakeCupy(), TracingDevice()
+    fake, dev = _FAKE, _DEVICE
     saved = (backend.cupy, cuda_device.cupy, cuda_device.CUPY_DEVICE, backend.gpu_available,
              _trace)
     backend.cupy, cuda_device.cupy, cuda_device.CUPY_DEVICE = fake, fake, dev
@@ -348,3 +356,6 @@ def fake_gpu(record=True):
     finally:
         (backend.cupy, cuda_device.cupy, cuda_device.CUPY_DEVICE, backend.gpu_available,
          _trace) = saved
+
+
+_FAKE, _DEVICE = FakeCupy(), TracingDevice()

@@ -20,6 +20,7 @@ import numpy
 from .. import backend
 from ..autograd import Function
 from ..cuda import conv as cuda_conv
+from ..cuda.device import is_cnhw as _is_cnhw
 
 # --------------------------------------------------------------------------
 # Grouped convolution, the shape names used below (Chainer's legend):
@@ -76,25 +77,58 @@ class Conv2d(Function):
         self.stride, self.padding, self.groups = _pair(stride), _pair(padding), int(groups)
 
     def forward(self, x, W, b=None):
-        self.x, self.W = x, W  # gW needs x, gx needs W
-        y = conv2d_forward(x, W, self.stride, self.padding, self.groups)
+        self.x_shape, self.W = x.shape, W  # gx needs W
+        stride = self.stride
+        if W.shape[2:] == (1, 1) and self.padding == (0, 0) and stride != (1, 1):
+            # a strided 1x1 filter reads every sh-th row and sw-th column only:
+            # gather those pixels once, here, and run a stride-1 filter on them
+            # in both directions (gW reads the same gathered pixels)
+            x, stride = _every_other_pixel(x, stride), (1, 1)
+        self.x, self.run_stride = x, stride  # gW needs x (as gathered)
+        y = conv2d_forward(x, W, stride, self.padding, self.groups)
         if b is not None:
             y += b.reshape(1, -1, 1, 1)                                 # b as (1, K, 1, 1)
         return y
 
     def backward(self, gy):
         x_in, W_in = self.inputs[0], self.inputs[1]
-        args = (self.stride, self.padding, self.groups)
+        args = (self.run_stride, self.padding, self.groups)
         gx = gW = None
         # The network's input image needs no gradient: skip the stem's gx.
         if x_in.requires_grad or x_in.creator is not None:
             gx = conv2d_backward_data(gy, self.W, self.x.shape, *args)
+            if self.x.shape != self.x_shape:  # the gathered pixels' gradient, back in place
+                gx = _scatter_pixels(gx, self.x_shape, self.stride)
         if W_in.requires_grad or W_in.creator is not None:
             # into W's own gradient array when it awaits its first (no copy after)
             gW = conv2d_backward_weight(gy, self.x, self.W.shape, *args, out=self.grad_buffer(1))
         if len(self.inputs) == 3:
             return gx, gW, gy.sum(axis=(0, 2, 3))
         return gx, gW
+
+
+def _every_other_pixel(x, stride):
+    """x[:, :, ::sh, ::sw] as a new array in x's memory layout (NCHW or CNHW)."""
+    xp = backend.get_array_module(x)
+    sh, sw = stride
+    if _is_cnhw(x):
+        return xp.ascontiguousarray(x.transpose(1, 0, 2, 3)[:, :, ::sh, ::sw]).transpose(1, 0, 2, 3)
+    return xp.ascontiguousarray(x[:, :, ::sh, ::sw])
+
+
+def _scatter_pixels(gxs, x_shape, stride):
+    """The gradient of ``_every_other_pixel``: gxs at every (sh, sw)-th pixel, zeros
+    elsewhere, in gxs's memory layout."""
+    xp = backend.get_array_module(gxs)
+    sh, sw = stride
+    if _is_cnhw(gxs):
+        n, c, h, w = x_shape
+        gx = xp.zeros((c, n, h, w), gxs.dtype)
+        gx[:, :, ::sh, ::sw] = gxs.transpose(1, 0, 2, 3)
+        return gx.transpose(1, 0, 2, 3)
+    gx = xp.zeros(x_shape, gxs.dtype)
+    gx[:, :, ::sh, ::sw] = gxs
+    return gx
 
 
 def _check(x, W, b, stride, padding, groups):

@@ -70,6 +70,11 @@ class CrossEntropy(Function):
     def backward(self, gy):
         xp = backend.get_array_module(gy)
         n = self.logits.shape[0]
+        if self.backward_impl is cuda_loss.softmax_cross_entropy_backward and \
+                self.reduction in ("mean", "sum"):  # the one upstream value, scaled in the kernel
+            return (self.backward_impl(self.logits, self.labels, self.saved,
+                                       xp.asarray(gy, dtype=self.logits.dtype), self.eps,
+                                       scale=1.0 / n if self.reduction == "mean" else 1.0),)
         scale = {"mean": gy / n, "sum": gy}.get(self.reduction, gy)
         gloss = xp.ascontiguousarray(xp.broadcast_to(xp.asarray(scale, dtype=self.logits.dtype),
                                                      (n,)))  # (N,): d total / d loss_i

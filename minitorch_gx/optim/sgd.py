@@ -18,7 +18,7 @@ Update (PyTorch's, dampening 0, not Nesterov), per element:
 import numpy
 
 from .. import backend
-from ..cuda import sgd as cuda_sgd
+from ..cuda import device as cuda_device, sgd as cuda_sgd
 
 
 def sgd_update_reference(p, g, buf, lr, momentum, weight_decay):
@@ -170,8 +170,26 @@ class SGD:
 
     def _step_kernel(self, skip=None):
         # one launch of kernels/sgd.cu updates every group; it reads `skip` itself
+        ends, lrs, wds, moms = self._group_arrays()
+        ends, wds, moms = self._device_tables(ends, wds, moms)
         cuda_sgd.sgd_momentum_update(self.flat_params, self.flat_grads, self.flat_momentum,
-                                     *self._group_arrays(), skip=skip)
+                                     ends, lrs, wds, moms, skip=skip)
+
+    _tables = None
+
+    def _device_tables(self, ends, wds, moms):
+        """The groups' ends, weight decays and momenta on the device, copied
+        there once and again only when they change (the learning rates change
+        every step: they travel each time, a few bytes)."""
+        key = (ends.tobytes(), wds.tobytes(), moms.tobytes())
+        if self._tables is None or self._tables[0] != key:
+            if int(ends[-1]) != self.flat_params.size:
+                raise RuntimeError("SGD: the parameter groups no longer cover the flat buffer")
+            dev = cuda_device.device_for(self.flat_params)
+            dtype = self.flat_params.dtype
+            self._tables = (key, dev.input(ends, numpy.int64), dev.input(wds, dtype),
+                            dev.input(moms, dtype))
+        return self._tables[1:]
 
     def _group_arrays(self):
         """Per-group end offsets and scalars, as the fused CUDA kernel takes

@@ -315,9 +315,9 @@ def test_a_bad_label_past_the_launcher_is_never_read_through_and_gives_nan(bad):
                                                np.float32(1), np.float32(0)])
     assert np.isfinite(loss[0]) and np.isnan(loss[1])
     gz = dev.empty((2, 7), np.float32)
-    module.launch("softmax_xent_bwd", (1, 2), 256, [z, labels, lse, dev.input(np.ones(2), np.float32),
-                                                    gz, np.int32(2), np.int32(7), np.float32(1),
-                                                    np.float32(0)])
+    module.launch("softmax_xent_bwd", (1, 2), 256,
+                  [z, labels, lse, dev.input(np.ones(2), np.float32), gz, np.int32(2), np.int32(7),
+                   np.float32(1), np.float32(0), np.int32(1), np.float32(1)])
     assert np.isfinite(gz[0]).all() and np.isnan(gz[1]).all()
 
 
@@ -400,3 +400,20 @@ def test_topk_against_a_sort_on_random_logits():
     for k in (1, 5):
         top = np.argsort(-logits, axis=1)[:, :k]
         assert topk_correct(logits, labels, k) == sum(labels[i] in top[i] for i in range(50))
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_kernel_takes_the_one_upstream_gradient_of_a_mean_or_sum(impl, reduction):
+    """No (N,) array for the gradient of a mean or a sum: one value and a
+    scale go to the kernel; the gradient equals the per-row form's."""
+    rng = np.random.default_rng(12)
+    z = rng.standard_normal((5, 9)).astype(np.float32)
+    labels = np.array([0, 8, 3, 3, 1])
+    with run_on("reference"):
+        t = mt.Tensor(z.copy(), requires_grad=True)
+        cross_entropy(t, labels, 0.1, reduction).backward()
+    with run_on(impl) as dev:
+        tk = mt.Tensor(dev(z), requires_grad=True)
+        cross_entropy(tk, dev(labels), 0.1, reduction).backward()
+    assert_close(tk.grad, t.grad, 1e-6, 1e-7, f"{impl} {reduction}")

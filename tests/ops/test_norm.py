@@ -768,7 +768,7 @@ def test_a_training_batch_norm_is_four_launches_on_the_gpu_path():
     the parameter gradients land in the optimizer's arrays, nothing is added
     or copied), touching the tensor 1 + 2 times forward and 2 + 3 backward (y
     is not read back). The per-channel counts are one host-to-device copy the
-    first time, never again."""
+    first time on a device, never again."""
     from minitorch_gx.cuda import trace
     from minitorch_gx.nn import Parameter
     from minitorch_gx.optim import SGD
@@ -790,9 +790,11 @@ def test_a_training_batch_norm_is_four_launches_on_the_gpu_path():
             batch_norm(x, rm, rv, gamma, beta, training=True, relu=True).backward(gy)
             steps.append(list(launches))
     first, second = steps
-    assert [(k.kind, k.name) for k in first[:1]] == [("h2d", "host -> device copy")]
+    # the counts' copy, unless an earlier test on the (one) fake device made them
+    made = [k for k in first if k.kind == "h2d"]
+    assert [(k.kind, k.name) for k in made] in ([], [("h2d", "host -> device copy")])
     kernels = ["bn_fwd_reduce", "bn_fwd_apply", "bn_bwd_reduce", "bn_bwd_apply"]
-    for launched in (first[1:], second):
+    for launched in (first[len(made):], second):
         assert [(k.kind, k.name) for k in launched] == [("kernel", name) for name in kernels]
         assert [k.bytes // x.data.nbytes for k in launched] == [1, 2, 2, 3]
     for p, (_, view, _) in zip((gamma, beta), opt._views):
@@ -818,7 +820,7 @@ def test_cnhw_memory_is_normalised_as_it_is_and_keeps_its_layout(impl, relu):
     rng = np.random.default_rng(11)
     x = rng.standard_normal((3, 6, 5, 7)).astype(np.float32)
     gy = rng.standard_normal(x.shape).astype(np.float32)
-    gamma, beta = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    gamma, beta = (rng.standard_normal(6).astype(np.float32) for _ in range(2))
     with run_on(impl) as dev:
         def cnhw(a):
             return dev(np.ascontiguousarray(a.transpose(1, 0, 2, 3))).transpose(1, 0, 2, 3)

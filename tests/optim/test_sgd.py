@@ -320,3 +320,22 @@ def test_the_nonfinite_kernel_counts_what_the_numpy_check_sees(impl, threads, n)
         for grads, loss, count in cases:
             got = cuda_sgd.count_nonfinite(dev(grads), dev(numpy.array(loss, numpy.float32)))
             assert got.shape == () and float(host(got)) == count, (loss, count)
+
+
+def test_the_group_tables_go_to_the_device_once_and_the_learning_rates_each_step():
+    from minitorch_gx.cuda import trace
+    with trace.fake_gpu(record=False):
+        ps = [Parameter(trace.to_gpu(numpy.ones(s, numpy.float32))) for s in (5, 7)]
+        opt = SGD([{"params": [ps[0]], "weight_decay": 1e-4}, {"params": [ps[1]]}], lr=0.1,
+                  momentum=0.9)
+        opt.step()  # the first step copies the tables
+    with trace.fake_gpu() as launches:
+        opt.param_groups[0]["lr"] = 0.05  # as the scheduler does every step
+        opt.step()
+    assert [(x.kind, x.name) for x in launches] == [("h2d", "host -> device copy"),
+                                                    ("cupy", "fill (zeros)"),
+                                                    ("kernel", "sgd_momentum_update")]
+    with trace.fake_gpu() as launches:
+        opt.param_groups[1]["momentum"] = 0.5  # a table changed: copied again
+        opt.step()
+    assert sum(x.kind == "h2d" for x in launches) == 4
