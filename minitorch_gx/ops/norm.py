@@ -19,6 +19,8 @@ writes ggamma and gbeta into the parameters' gradient arrays when the engine
 offers them (``Function.grad_buffer``).
 Legend: N batch, C channels, L = H * W, M = N * L values per channel.
 """
+import functools
+
 import numpy
 
 from .. import backend
@@ -84,6 +86,11 @@ class BatchNorm2d(Function):
             y = batch_norm_infer_forward(x, gamma, beta, self.running_mean, self.running_var,
                                          self.eps, self.relu)
         self.x, self.gamma, self.beta = x, gamma, beta
+        # On the NumPy path y itself is kept (the next op holds it anyway) for
+        # the mask, read as y > 0 rather than recomputed: one pass fewer. The
+        # kernels recompute it (a pass fewer there) and keep nothing.
+        if self.relu and not backend.use_kernels(backend.get_array_module(x)):
+            self.y = y
         if self.training:  # backward reads the batch statistics, not the running ones
             self.running_mean = self.running_var = None
         return y
@@ -94,7 +101,7 @@ class BatchNorm2d(Function):
         out = self.grad_buffer(1), self.grad_buffer(2)
         if self.training:
             return batch_norm_backward(gy, self.x, self.gamma, self.beta, self.mean, self.invstd,
-                                       self.relu, *out)
+                                       self.relu, *out, y=getattr(self, "y", None))
         return batch_norm_infer_backward(gy, self.x, self.gamma, self.beta, self.running_mean,
                                          self.running_var, self.eps, self.relu, *out)
 
@@ -114,14 +121,17 @@ def batch_norm_train_forward(x, gamma, beta, eps, relu, running_mean=None, runni
 
 
 def batch_norm_backward(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None,
-                        gbeta_out=None):
+                        gbeta_out=None, y=None):
     """Training-mode backward -> (gx, ggamma, gbeta); mean and invstd =
     1 / sqrt(var + eps) are the forward's. The ReLU mask is recomputed from x,
     gamma, beta, mean and invstd exactly as the forward computed y.
     ggamma_out, gbeta_out (C,), when given: the arrays to write ggamma and
     gbeta into (a parameter's own gradient, ``Function.grad_buffer``), then
-    returned themselves."""
-    impl = backend.choose(x, reference=batch_norm_backward_reference, fast=_backward_fast,
+    returned themselves. ``y``: the forward's output, when kept; the NumPy
+    fast path then reads its mask from it (the same mask, one pass fewer on a
+    CPU); the kernels recompute it, which saves a pass on a GPU."""
+    impl = backend.choose(x, reference=batch_norm_backward_reference,
+                          fast=functools.partial(_backward_fast, y=y),
                           kernel=cuda_norm.batch_norm_backward)
     return impl(gy, x, gamma, beta, mean, invstd, relu, ggamma_out, gbeta_out)
 
@@ -301,12 +311,17 @@ def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, mo
     return y.reshape(x.shape), mean, invstd
 
 
-def _backward_fast(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None, gbeta_out=None):
+def _backward_fast(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None, gbeta_out=None,
+                   y=None):
     n, c, length = _dims(x)
     m = n * length
     dtype = x.dtype
     d = x.reshape(n, c * length) - _per_element(mean, length, dtype)  # x - mean, (N, C*L)
-    g = _masked(gy.reshape(n, c * length), d, gamma, beta, invstd, length, relu)  # (N, C*L)
+    if relu and y is not None:  # the forward's y: y > 0 is the mask it applied
+        xp = backend.get_array_module(gy)
+        g = xp.multiply(gy.reshape(n, c * length), xp.reshape(y, (n, c * length)) > 0)
+    else:
+        g = _masked(gy.reshape(n, c * length), d, gamma, beta, invstd, length, relu)
     gbeta = _channel_sum(g, c)
     invstd = invstd.astype(numpy.float64)
     ggamma = _channel_dot(g, d, c) * invstd  # sum g * xhat, centred: no cancellation

@@ -652,7 +652,8 @@ def _bn_op(impl, x, gamma, beta, training, relu):
         y = batch_norm(tensors[0], rm, rv, tensors[1], tensors[2], training=training, relu=relu)
         f = y.creator
         saved = {"mean": host(f.mean), "invstd": host(f.invstd)} if training else {}
-        assert not hasattr(f, "y")  # the ReLU mask is recomputed from x
+        # the kernels recompute the ReLU mask from x; the NumPy path reads y > 0
+        assert hasattr(f, "y") == (impl in ("fast", "reference") and relu)
         y.backward(dev(gy))
     grads = [host(t.grad) for t in tensors]
     return host(y.data), grads, saved, (host(rm), host(rv))
@@ -839,3 +840,18 @@ def test_cnhw_memory_is_normalised_as_it_is_and_keeps_its_layout(impl, relu):
     for name, a, b in zip("y gx y_infer mean invstd ggamma gbeta running_mean running_var".split(),
                           *results):
         assert_close(a, b, 1e-5, 1e-5, f"{impl} CNHW vs NCHW {name}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_fast_backward_reading_y_gives_the_bits_of_recomputing_it(dtype):
+    """The NumPy path reads the forward's y > 0 (one pass fewer); the mask is
+    the one recomputing gives, so every bit of the gradients is the same."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((3, 5, 6, 7)).astype(dtype)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    gamma, beta = (rng.standard_normal(5).astype(dtype) for _ in range(2))
+    y, mean, invstd = norm._train_forward_fast(x, gamma, beta, 1e-5, True, None, None, 0.1)
+    read = norm._backward_fast(gy, x, gamma, beta, mean, invstd, True, y=y)
+    recomputed = norm._backward_fast(gy, x, gamma, beta, mean, invstd, True)
+    for a, b in zip(read, recomputed):
+        assert np.array_equal(a, b)
