@@ -137,16 +137,6 @@ def main_guard(fn):
         sys.exit(1)
 
 
-_LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
-_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
 def _launcher_rank():
-    """This process's rank as mpirun set it in the environment, when started
-    by mpirun with more than one process; else None."""
-    if not any(int(os.environ.get(v, "1") or 1) > 1 for v in _LAUNCHER_SIZE_VARS):
-        return None
-    for v in _LAUNCHER_RANK_VARS:
-        if os.environ.get(v, "").isdigit():
-            return int(os.environ[v])
-    return None
+    """This process's rank as mpirun set it, when it started several; else None."""
+    return distributed.current.launcher_rank()

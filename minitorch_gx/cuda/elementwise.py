@@ -13,43 +13,33 @@ _i64 = numpy.int64
 def add_relu_forward(a, b):
     """max(a + b, 0) in one pass (a and b of one shape), in a's layout (NCHW or
     CNHW: element-wise, the kernel runs over the memory as it is)."""
-    dev, dtype = device_for(a), a.dtype
     if a.shape != b.shape:
         raise ValueError(f"add_relu: shapes {a.shape} and {b.shape} differ")
-    cnhw = _is_cnhw(a)
-    a, b = dev.input(_stored(a, cnhw), dtype), dev.input(_stored(b, cnhw), dtype)
-    y = dev.empty(a.shape, dtype)
-    threads = LAUNCH["EW_THREADS"]
-    dev.launch("add_relu.cu", "add_relu_fwd", (_blocks(a.size, threads),), (threads,),
-               [a, b, y, _i64(a.size)], defines=_defines(dtype, "EW_THREADS"))
-    dev.check_written(y)
-    return _stored(y, cnhw)
+    return _launch("add_relu_fwd", a, b, layout_of=a)
 
 
 def relu_backward(gy, y):
     """gy where y > 0, else 0: the gradient through ReLU (and through add_relu to
     a and b), in y's layout."""
-    dev, dtype = device_for(gy), gy.dtype
-    cnhw = _is_cnhw(y)
-    gy, y = dev.input(_stored(gy, cnhw), dtype), dev.input(_stored(y, cnhw), dtype)
-    gx = dev.empty(gy.shape, dtype)
-    threads = LAUNCH["EW_THREADS"]
-    dev.launch("add_relu.cu", "relu_bwd", (_blocks(gy.size, threads),), (threads,),
-               [gy, y, gx, _i64(gy.size)], defines=_defines(dtype, "EW_THREADS"))
-    dev.check_written(gx)
-    return _stored(gx, cnhw)
+    return _launch("relu_bwd", gy, y, layout_of=y)
 
 
 def add(a, b):
     """a + b (one shape, one dtype) in one pass, in a's layout (NCHW or CNHW)."""
-    dev, dtype = device_for(a), a.dtype
-    if a.shape != b.shape or b.dtype != dtype:
+    if a.shape != b.shape or b.dtype != a.dtype:
         raise ValueError(f"add: {a.dtype} {a.shape} and {b.dtype} {b.shape} differ")
-    cnhw = _is_cnhw(a)
+    return _launch("add_arrays", a, b, layout_of=a)
+
+
+def _launch(kernel, a, b, layout_of):
+    """One add_relu.cu kernel over the memory of a and b (both brought to the
+    layout of ``layout_of``), writing a new array of a's dtype in that layout."""
+    dev, dtype = device_for(a), a.dtype
+    cnhw = _is_cnhw(layout_of)
     a, b = dev.input(_stored(a, cnhw), dtype), dev.input(_stored(b, cnhw), dtype)
-    y = dev.empty(a.shape, dtype)
+    out = dev.empty(a.shape, dtype)
     threads = LAUNCH["EW_THREADS"]
-    dev.launch("add_relu.cu", "add_arrays", (_blocks(a.size, threads),), (threads,),
-               [a, b, y, _i64(a.size)], defines=_defines(dtype, "EW_THREADS"))
-    dev.check_written(y)
-    return _stored(y, cnhw)
+    dev.launch("add_relu.cu", kernel, (_blocks(a.size, threads),), (threads,),
+               [a, b, out, _i64(a.size)], defines=_defines(dtype, "EW_THREADS"))
+    dev.check_written(out)
+    return _stored(out, cnhw)

@@ -56,6 +56,7 @@ import time
 
 import numpy
 
+from . import current
 from .failures import fatal
 
 GRACE_S = 2.0          # extra wait per place after the first reporter
@@ -77,11 +78,11 @@ def setup_deadline(timeout, what="joining the MPI job"):
     process die). The rank comes from mpirun's environment, as MPI is not set
     up yet. Only under a launcher with several processes; ``timeout=None``:
     no deadline."""
-    size = max(int(os.environ.get(v, "1") or 1) for v in _LAUNCHER_SIZE_VARS)
-    if timeout is None or size < 2:
+    if timeout is None or current.launcher_size()[0] < 2:
         yield
         return
-    rank = next((os.environ[v] for v in _LAUNCHER_RANK_VARS if v in os.environ), "?")
+    rank = current.launcher_rank()
+    rank = "?" if rank is None else rank
     line = (f"rank {rank}: {what} timed out after {timeout:g} s: a process of the job did not "
             f"start, or stopped answering, before training began")
     read_end, write_end = os.pipe()
@@ -113,8 +114,6 @@ if not select.select([fd], [], [], timeout)[0]:
             break
         time.sleep(2)
 """
-_LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
-_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def check_timeout(timeout):

@@ -22,7 +22,6 @@ from .transports import FlatBuffer, NoTransport
 
 # Environment variables that MPI launchers set in every process they start:
 # MPICH/Hydra and Intel MPI, Open MPI, MVAPICH.
-_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 class Context:
@@ -173,11 +172,11 @@ def _import_mpi():
         from mpi4py import MPI
         return MPI
     except ImportError:
-        launched = [v for v in _LAUNCHER_SIZE_VARS if int(os.environ.get(v, "1") or 1) > 1]
-        if launched:
+        size, var = current.launcher_size()
+        if size > 1:
             # Without this check every process would train alone as "rank 0"
             # and all of them would write the same checkpoints.
-            raise RuntimeError(f"started by an MPI launcher ({launched[0]}={os.environ[launched[0]]})"
+            raise RuntimeError(f"started by an MPI launcher ({var}={size})"
                                " but mpi4py is not installed: pip install mpi4py mpich") from None
         return None
 

@@ -148,20 +148,20 @@ class SGD:
         as ``nonfinite()``'s); where it is nonzero the step changes nothing. The
         kernel reads it on the device; the NumPy paths read it on the host."""
         self._gather_grads()
-        backend.choose(self.flat_params, reference=self._step_reference, fast=self._step_fast,
-                       kernel=self._step_kernel)(skip)
+        impl = backend.choose(self.flat_params, reference=self._step_reference,
+                              fast=self._step_fast, kernel=self._step_kernel)
+        if impl == self._step_kernel:  # (bound methods: equal, never identical)
+            impl(skip)  # the kernel reads skip on the device: no host read
+        elif skip is None or not bool(skip):
+            impl()
 
-    def _step_reference(self, skip=None):
-        if skip is not None and bool(skip):
-            return
+    def _step_reference(self):
         for group, (start, end) in zip(self.param_groups, self._slices):
             p, g, buf = (a[start:end] for a in (self.flat_params, self.flat_grads,
                                                 self.flat_momentum))
             sgd_update_reference(p, g, buf, group["lr"], group["momentum"], group["weight_decay"])
 
-    def _step_fast(self, skip=None):
-        if skip is not None and bool(skip):
-            return
+    def _step_fast(self):
         for group, (start, end) in zip(self.param_groups, self._slices):
             p, g, buf = (a[start:end] for a in (self.flat_params, self.flat_grads,
                                                 self.flat_momentum))
