@@ -14,7 +14,8 @@ Stages, each a subprocess with its own time limit, its output in <out>/<stage>.l
   sanitizer  NVIDIA's compute-sanitizer (memcheck, racecheck, initcheck, synccheck),
            one run per tool over the small-shape kernel tests, to set its verdict
            beside the emulator's (which finds every kernel clean)
-  gpu_step benchmarks/gpu_step.py (the traced per-step cost table)
+  gpu_step benchmarks/gpu_step.py (the traced per-step cost table, each row's time
+           measured with CUDA events beside its floor, the device's copy and sgemm rates)
   kernels  benchmarks/bench_kernels.py --batch 128 (each kernel beside PyTorch)
   train    benchmarks/bench_train.py --device gpu --batch 128 (img/s beside PyTorch), in
            fp32 and again with --tf32 on both sides
@@ -42,8 +43,9 @@ NEEDED = ["pytest", "pillow", "tqdm"]  # what the test files import beyond the G
 # parametrised with the "cupy" implementation (tests/backends.py); the two
 # whole files run entirely (their CPU cases are quick).
 GPU_TEST_FILES = ["tests/ops", "tests/optim", "tests/cuda/test_compile.py",
-                  "tests/resnext/test_model_on_kernels.py"]
-GPU_TEST_SELECTION = ["-k", "cupy or test_compile.py or test_model_on_kernels.py"]
+                  "tests/resnext/test_model_on_kernels.py", "tests/cuda/test_small_kernels.py",
+                  "tests/cuda/test_prefetch.py"]
+GPU_TEST_SELECTION = ["-k", "cupy or test_compile.py or test_model_on_kernels.py or on_a_gpu"]
 
 
 def stages(smoke):
@@ -61,12 +63,12 @@ def stages(smoke):
     return [
         ("env", [py, "-c", ENV_REPORT], 60),
         ("tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--durations=10",
-                   *GPU_TEST_SELECTION, *GPU_TEST_FILES], 150),
+                   *GPU_TEST_SELECTION, *GPU_TEST_FILES], 140),
         *[(f"sanitizer-{tool}", ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3",
                                  py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
                                  "cupy and not million and not resnext50", *SANITIZED_TESTS], 30)
           for tool in ("memcheck", "racecheck", "initcheck", "synccheck")],
-        ("gpu_step", [py, "benchmarks/gpu_step.py"], 20),
+        ("gpu_step", [py, "benchmarks/gpu_step.py"], 40),
         ("kernels", [py, "benchmarks/bench_kernels.py", "--batch", "128",
                      "--json", "{out}/bench_kernels.json"], 45),
         ("train", [py, "benchmarks/bench_train.py", "--device", "gpu", "--batch", "128",

@@ -16,11 +16,17 @@ this against a third batch). The last line is
 
     step: N launches, X GB, Y GFLOP, floor Z ms
 
-Figures assumed for the H200 (to be re-measured when a GPU is lent): 4.3 TB/s
-copy bandwidth, 67 TFLOP/s fp32. Launch latency (a few microseconds each) is
-not in the floor; the launch count is its own column for that reason.
-Without a GPU the table is the floor only; the measured time per row is not
-implemented yet.
+Figures assumed for the H200: 4.3 TB/s copy bandwidth, 67 TFLOP/s fp32.
+Launch latency (a few microseconds each) is not in the floor; the launch
+count is its own column for that reason.
+
+On a GPU (``--measure``, the default when one is usable) the real step also
+runs there, after warm-up steps, with CUDA events around each device
+operation (``minitorch_gx.cuda.timing``): a "measured ms" column beside the
+floor, the median over --repeat steps. Then the step without those events,
+the device's copy bandwidth (a 1 GiB device-to-device copy) and its fp32
+GEMM rate (cuBLAS sgemm 8192^3), each measured; the floors stay those of the
+assumed figures, so that tables from different machines compare.
 """
 import argparse
 import collections
@@ -40,7 +46,8 @@ from resnext.model import build_model  # noqa: E402
 
 BANDWIDTH = 4.3e12  # bytes/s, H200 device-to-device copy
 PEAK = 67e12        # FLOP/s, H200 fp32 (no TF32)
-KINDS = {"kernel": "ours", "gemm": "cuBLAS", "cupy": "CuPy", "h2d": "copy", "d2h": "read"}
+KINDS = {"kernel": "ours", "gemm": "cuBLAS", "cupy": "CuPy", "memset": "memset", "h2d": "copy",
+         "d2h": "read"}
 
 
 def trace_step(arch, batch, image_size, num_classes=1000, seed=0, device="traced"):
@@ -95,6 +102,66 @@ def scaled(arch, batch, image_size, num_classes=1000, traced=(2, 3)):
             for a, b in zip(one, two)]
 
 
+def measure_step(arch, batch, image_size, num_classes=1000, repeat=5, warmup=2, event=None,
+                 elapsed=None, sync=None):
+    """On a GPU: ({(kind, name): (operations, median ms per step)}, [ms of each whole step
+    timed without the per-operation events]). ``event``, ``elapsed``, ``sync``:
+    stand-ins for CUDA's, for a test that runs this under ``trace.fake_gpu``."""
+    import time
+
+    from minitorch_gx.cuda import timing
+    cupy = backend.cupy
+    sync = sync or (lambda: cupy.cuda.Device().synchronize())
+    model = build_model(arch, num_classes, True, seed=0).to("gpu").train()
+    optimizer = SGD(trainer.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
+    run = types.SimpleNamespace(
+        model=model, optimizer=optimizer, reducer=None,
+        scheduler=WarmupCosineLR(optimizer, 100, 1, 10), xp=cupy,
+        args=types.SimpleNamespace(label_smooth_factor=0.1),
+        stops=types.SimpleNamespace(requested=None))
+    rs = numpy.random.RandomState(0)
+    images = rs.randint(0, 256, (batch, image_size, image_size, 3)).astype(numpy.uint8)
+    labels = rs.randint(0, num_classes, batch).astype(numpy.int64)
+    for _ in range(warmup):
+        trainer.Run.step(run, images, labels)
+    sync()
+    per_step = []
+    for _ in range(repeat):
+        with timing.timed(event) as records:
+            trainer.Run.step(run, images, labels)
+        per_step.append(timing.milliseconds(records, elapsed))
+    rows = {key: (count, float(numpy.median([step.get(key, (0, 0.0))[1] for step in per_step])))
+            for key, (count, _) in per_step[0].items()}
+    whole = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        trainer.Run.step(run, images, labels)
+        sync()
+        whole.append((time.perf_counter() - t0) * 1e3)
+    return rows, whole
+
+
+def device_rates():
+    """(copy bytes/s, sgemm FLOP/s) measured on the current GPU."""
+    cupy = backend.cupy
+    a = cupy.empty(1 << 28, cupy.float32)  # 1 GiB
+    b = cupy.empty_like(a)
+    m = cupy.ones((8192, 8192), cupy.float32)
+    results = []
+    for work, amount in ((lambda: cupy.copyto(b, a), 2 * a.nbytes),
+                         (lambda: cupy.matmul(m, m), 2 * 8192 ** 3)):
+        work()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(5):
+            work()
+        end.record()
+        end.synchronize()
+        results.append(amount * 5 / (cupy.cuda.get_elapsed_time(start, end) / 1e3))
+    return tuple(results)
+
+
 def floor_s(launch):
     return max(launch.bytes / BANDWIDTH, launch.flops / PEAK)
 
@@ -124,14 +191,31 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128, help="images per step")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the step on the GPU and time each row (default: when a GPU "
+                        "is usable)")
+    p.add_argument("--repeat", type=int, default=5, help="timed steps (with --measure)")
     a = p.parse_args(argv)
+    measure = backend.gpu_available() if a.measure is None else a.measure
+    if measure and not backend.gpu_available():
+        sys.exit("error: --measure needs a usable CUDA GPU (and CuPy)")
     launches = scaled(a.arch, a.batch, a.image_size, a.classes)
+    measured, whole = measure_step(a.arch, a.batch, a.image_size, a.classes,
+                                   repeat=a.repeat) if measure else (None, None)
     print(f"one training step of {a.arch}, batch {a.batch}, {a.image_size}x{a.image_size}, "
           f"float32 (traced; floors for {BANDWIDTH / 1e12:.1f} TB/s, {PEAK / 1e12:.0f} TFLOP/s)")
-    print(f"{'kind':7} {'operation':44} {'launches':>8} {'GB':>9} {'GFLOP':>9} {'floor ms':>9}")
+    extra = f" {'measured':>9}" if measured else ""
+    print(f"{'kind':7} {'operation':44} {'launches':>8} {'GB':>9} {'GFLOP':>9} {'floor ms':>9}"
+          + extra)
     for kind, name, count, nbytes, flops, seconds in table(launches):
+        cell = f" {measured.get((kind, name), (0, float('nan')))[1]:9.3f}" if measured else ""
         print(f"{KINDS[kind]:7} {name[:44]:44} {count:8d} {nbytes / 1e9:9.3f} {flops / 1e9:9.1f} "
-              f"{seconds * 1e3:9.3f}")
+              f"{seconds * 1e3:9.3f}" + cell)
+    if measured:
+        copy, gemm = device_rates()
+        print(f"measured: step {numpy.median(whole):.2f} ms (median of {len(whole)}; "
+              f"{sum(ms for _, ms in measured.values()):.2f} ms in the rows above, timed one by one); "
+              f"copy {copy / 1e12:.2f} TB/s, sgemm {gemm / 1e12:.1f} TFLOP/s on this GPU")
     print(summary(launches))
 
 

@@ -11,8 +11,11 @@
 //
 // Threads: forward, one block per row: the block reduces the row's max, then
 // sum exp and sum z (shuffles within warps, shared memory across them).
-// Backward, one thread per element. Launch: forward grid (N), block
-// (XENT_THREADS); backward grid (ceil(K / XENT_THREADS), N), block (XENT_THREADS).
+// Backward, one thread per element. The mean (or sum) of the N losses, the
+// value a training step reports, is one more block that adds them in a fixed
+// order (softmax_xent_mean). Launch: forward grid (N), block (XENT_THREADS);
+// backward grid (ceil(K / XENT_THREADS), N), block (XENT_THREADS); mean grid
+// (1), block (XENT_THREADS).
 // Launchers: minitorch_gx/cuda/loss.py softmax_cross_entropy_forward / _backward, called by
 // ops/loss.py CrossEntropy; tested against ops/loss.py
 // softmax_cross_entropy_forward_reference / _backward_reference (tests/ops/test_loss.py).
@@ -86,4 +89,16 @@ softmax_xent_bwd(const real* __restrict__ z, const long long* __restrict__ label
     real target = k == y ? on : off;
     gz[e] = y >= 0 && y < K ? (exp(z[e] - lse[i]) - target) * gloss[(long long)i * gstride] * gscale
                             : (real)nan("");
+}
+
+extern "C" __global__ void __launch_bounds__(XENT_THREADS)
+softmax_xent_mean(const real* __restrict__ loss, real* __restrict__ out, int N, real scale) {
+    // out[0] = scale * sum_i loss[i] (scale 1/N: the mean), summed in a fixed
+    // order: each thread its strided share, then block_reduce's fixed tree
+    __shared__ real scratch[NWARPS];
+    if (blockDim.x > XENT_THREADS || blockDim.x % 32) __trap();  // scratch: XENT_THREADS / 32
+    real s = 0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) s += loss[i];
+    s = block_reduce<false>(s, scratch);
+    if (threadIdx.x == 0) out[0] = s * scale;
 }

@@ -130,7 +130,7 @@ class Tensor:
             if self.data.size != 1:
                 raise RuntimeError("backward() without a gradient needs a one-element tensor; "
                                    f"this one has shape {self.shape}")
-            grad = xp.ones_like(self.data)
+            grad = _one(self.data) if self.creator is not None else xp.ones_like(self.data)
         elif isinstance(grad, Tensor):
             grad = grad.data
         if grad.shape != self.shape:
@@ -140,6 +140,24 @@ class Tensor:
             _fire_hooks(self)
             return
         run_backward(self, grad)
+
+
+_ONES = {}  # (array type, dtype, device) -> a 1-element array holding 1
+
+
+def _one(data):
+    """The seed gradient 1 of a one-element tensor that has a creator, shaped
+    like it. On a GPU it is made once per dtype and device and reused, which
+    saves a fill launch per step; nothing writes into it, since backward
+    functions only read their gy and the engine never stores a gy as a leaf's
+    gradient without copying it (``_accumulate_leaf``)."""
+    xp = backend.get_array_module(data)
+    if xp is numpy:
+        return numpy.ones_like(data)
+    key = (type(data), data.dtype, getattr(getattr(data, "device", None), "id", None))
+    if key not in _ONES:
+        _ONES[key] = xp.ones(1, data.dtype)
+    return _ONES[key].reshape(data.shape)
 
 
 def add_gradients(a, b):
@@ -237,7 +255,9 @@ class Function:
 
     Subclasses implement ``forward(*arrays) -> array`` and
     ``backward(gy) -> tuple`` of one gradient (or None) per input, and keep on
-    ``self`` only what backward needs. Configuration (stride, eps, ...) goes to
+    ``self`` only what backward needs. ``backward`` reads gy and never writes
+    into it (gy may be an array another Function also receives, or the
+    engine's shared seed). Configuration (stride, eps, ...) goes to
     ``__init__``.
     """
 

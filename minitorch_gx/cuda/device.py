@@ -26,7 +26,9 @@ KERNEL_FILES = {"grouped_conv.cu": ("CONV_THREADS",),
                 "grouped_conv_bwd_weight.cu": ("WGRAD_THREADS",),
                 "batch_norm.cu": ("BN_THREADS",), "sgd.cu": ("SGD_THREADS",),
                 "max_pool.cu": ("POOL_THREADS",), "softmax_cross_entropy.cu": ("XENT_THREADS",),
-                "add_relu.cu": ("EW_THREADS",), "normalize.cu": ("EW_THREADS",)}
+                "add_relu.cu": ("EW_THREADS",), "normalize.cu": ("EW_THREADS",),
+                "subsample.cu": ("EW_THREADS",), "avg_pool.cu": ("POOL_THREADS",),
+                "linear.cu": ("EW_THREADS",)}
 
 NVRTC_OPTIONS = ("--std=c++17",)
 _REAL = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
@@ -54,6 +56,14 @@ class CupyDevice:
     def input(self, a, dtype):
         """``a`` as a C-contiguous device array of ``dtype`` (copied only if needed)."""
         return cupy.asarray(a, dtype=dtype, order="C")
+
+    def zero_fill(self, a):
+        """a[...] = 0 for a C-contiguous array: one cudaMemsetAsync, not a kernel
+        (CuPy's ``fill`` launches an element-wise kernel)."""
+        if not a.flags.c_contiguous:
+            raise ValueError("zero_fill needs a C-contiguous array")
+        if a.nbytes:
+            a.data.memset_async(0, a.nbytes)
 
     def module(self, file, defines):
         key = (file, defines)

@@ -486,6 +486,11 @@ class EmuDevice:
         _forget_shadow(a)
         return a
 
+    def zero_fill(self, a):
+        """a[...] = 0 (a GPU's memset), and written from now on."""
+        a[...] = 0
+        self.mark_written(a)
+
     def input(self, a, dtype):
         """A guarded, contiguous copy of ``a`` as ``dtype``."""
         a = numpy.asarray(a)

@@ -76,3 +76,17 @@ def softmax_cross_entropy_backward(logits, labels, lse, gloss, label_smoothing, 
                defines=_defines(dtype, "XENT_THREADS"))
     dev.check_written(gz)
     return gz
+
+
+def mean_loss(loss, scale):
+    """scale * loss.sum() of the (N,) losses as a 0-d array (scale 1/N: the
+    mean), summed in a fixed order by one block."""
+    dev, dtype = device_for(loss), loss.dtype
+    loss = dev.input(loss, dtype)
+    out = dev.empty((), dtype)
+    threads = _check_threads("XENT_THREADS", "softmax_cross_entropy.cu")  # traps on others
+    dev.launch("softmax_cross_entropy.cu", "softmax_xent_mean", (1,), (threads,),
+               [loss, out, _i32(loss.size), dtype.type(scale)],
+               defines=_defines(dtype, "XENT_THREADS"))
+    dev.check_written(out)
+    return out

@@ -1,9 +1,11 @@
-"""Launchers of the max-pooling kernels (``kernels/max_pool.cu``), called by
-``minitorch_gx.ops.pool``.
+"""Launchers of the pooling kernels, called by ``minitorch_gx.ops.pool``:
+max pooling (``kernels/max_pool.cu``) and the global average pool
+(``kernels/avg_pool.cu``).
 """
 import numpy
 
 from .device import LAUNCH, blocks as _blocks, check_size as _check_size
+from .device import check_threads as _check_threads
 from .device import defines as _defines, device_for, is_cnhw as _is_cnhw, pair as _pair
 from .device import stored as _stored
 
@@ -62,4 +64,42 @@ def max_pool2d_backward(gy, argmax, x_shape, kernel_size, stride, padding):
     dev.launch("max_pool.cu", "max_pool2d_bwd", (_blocks(gx.size, threads),), (threads,),
                [gy, argmax, gx] + [_i32(v) for v in geo], defines=_defines(dtype, "POOL_THREADS"))
     dev.check_written(gx)
+    return _stored(gx, cnhw)
+
+
+# --------------------------------------------------------------------------
+# The global average pool (kernels/avg_pool.cu).
+# --------------------------------------------------------------------------
+def _avg_launch(kernel, src, dst, n, c, hw, cnhw):
+    dev, dtype = device_for(src), src.dtype
+    threads = _check_threads("POOL_THREADS", "avg_pool.cu")  # a warp per plane
+    _check_size(src=src, dst=dst)
+    dev.launch("avg_pool.cu", kernel, (_blocks(n * c, threads // 32),), (threads,),
+               [src, dst, _i32(n), _i32(c), _i32(hw), _i32(int(cnhw)), dtype.type(1.0 / hw)],
+               defines=_defines(dtype, "POOL_THREADS"))
+    dev.check_written(dst)
+
+
+def global_avg_pool_forward(x):
+    """x (N, C, H, W) -> its mean over (H, W), (N, C, 1, 1), NCHW (the
+    classifier's matrix) whatever x's layout."""
+    dev, dtype = device_for(x), x.dtype
+    if x.ndim != 4:
+        raise ValueError(f"global_avg_pool: expected (N, C, H, W), got {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    cnhw = _is_cnhw(x)
+    memory = dev.input(_stored(x, cnhw), dtype)
+    y = dev.empty((n, c, 1, 1), dtype)
+    _avg_launch("global_avg_pool_fwd", memory, y, n, c, h * w, cnhw)
+    return y
+
+
+def global_avg_pool_backward(gy, x_shape, cnhw):
+    """gx (N, C, H, W): gy (N, C, 1, 1) / (H W) spread over each plane, in CNHW
+    memory when ``cnhw`` (the forward's input layout), else NCHW."""
+    dev, dtype = device_for(gy), gy.dtype
+    n, c, h, w = x_shape
+    gy = dev.input(gy, dtype)
+    gx = dev.empty((c, n, h, w) if cnhw else (n, c, h, w), dtype)
+    _avg_launch("global_avg_pool_bwd", gy, gx, n, c, h * w, cnhw)
     return _stored(gx, cnhw)

@@ -50,7 +50,7 @@ def sgd_momentum_update(p, g, buf, group_end, lrs, wds, momenta, skip=None):
 def count_nonfinite(g, loss):
     """How many values of the flat gradient ``g`` and the one-element ``loss``
     are NaN or infinite, as a 0-d array of g's dtype on its device (nothing is
-    read back): one launch over g, after a one-element fill."""
+    read back): one launch over g, after a one-element memset."""
     dev, dtype = device_for(g), g.dtype
     n = g.size
     if loss.size != 1:

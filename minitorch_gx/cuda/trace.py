@@ -22,8 +22,9 @@ What each device operation counts (the floor a GPU cannot beat):
   - generic CuPy operations (element-wise, reductions, copies, fills):
     operands read, result written, one FLOP per result element; CuPy launches
     one kernel each;
-  - host/device transfers and reads of a device value back to the host (each
-    of which waits for the device) are listed apart.
+  - memsets (``cupy.zeros``, ``CupyDevice.zero_fill``: cudaMemsetAsync, no
+    kernel), host/device transfers, and reads of a device value back to the
+    host (each of which waits for the device) are listed apart.
 Values are not computed by the recorded kernels (their outputs are left as
 allocated), so a traced step costs little more than its NumPy GEMMs.
 Assumptions, not measurements: CuPy's batched ``matmul`` as one launch, its
@@ -43,8 +44,8 @@ from . import emulator
 
 Launch = collections.namedtuple("Launch", "kind name bytes flops")
 Launch.__doc__ = """One device operation: ``kind`` "kernel" (this project's),
-"gemm" (cuBLAS), "cupy" (a generic CuPy kernel), "h2d" / "d2h" (a transfer;
-"d2h" waits for the device); ``name``; bytes moved; FLOPs."""
+"gemm" (cuBLAS), "cupy" (a generic CuPy kernel), "memset", "h2d" / "d2h" (a
+transfer; "d2h" waits for the device); ``name``; bytes moved; FLOPs."""
 
 _trace = None  # the list being recorded into, inside fake_gpu()
 
@@ -253,7 +254,7 @@ class FakeCupy(types.ModuleType):
 
     def zeros(self, shape, dtype=numpy.float64, order="C"):
         out = numpy.zeros(shape, dtype, order)
-        _record("cupy", "fill (zeros)", out.nbytes)
+        _record("memset", "memset (zeros)", out.nbytes)  # CuPy's zeros: cudaMemsetAsync
         return _wrap(out)
 
     def zeros_like(self, a, dtype=None):
@@ -330,6 +331,10 @@ class TracingDevice(cuda_device.CupyDevice):
         else:
             flops = sum(a.size for a in written)
         _record("kernel", kernel, _nbytes(*arrays), flops)
+
+    def zero_fill(self, a):
+        _record("memset", "memset", a.nbytes)
+        _plain(a)[...] = 0
 
 
 def to_gpu(a):

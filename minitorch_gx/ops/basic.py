@@ -3,7 +3,8 @@ join), reshape/flatten, sum, mean, matmul, linear; and Tensor's operators.
 
 Each op is a Function (forward on arrays, backward returning one gradient per
 input) plus a lowercase public function that documents it. ``add_relu`` has a
-reference, a NumPy fast path and a CUDA kernel, chosen by ``backend.choose``.
+reference, a NumPy fast path and a CUDA kernel, chosen by ``backend.choose``;
+``linear``'s bias runs ``kernels/linear.cu`` where kernels are in use.
 At the end of this file Tensor's operators (+, *, @, .sum() ...) are bound to
 these ops, once: ``autograd`` defines Tensor without importing any op.
 """
@@ -11,6 +12,7 @@ from .. import backend
 from .. import autograd
 from ..autograd import Function, Tensor
 from ..cuda import elementwise as cuda_elementwise
+from ..cuda import linear as cuda_linear
 
 
 def sum_to(g, shape):
@@ -199,17 +201,22 @@ class Linear(Function):
 
     def forward(self, x, W, b=None):
         self.x, self.W = x, W
-        y = x @ W.T  # (N, out)
+        y = backend.get_array_module(x).matmul(x, W.T)  # (N, out)
         if b is not None:
-            y += b
+            if backend.use_kernels(backend.get_array_module(y)):
+                cuda_linear.add_bias(y, b)  # in place, one launch (kernels/linear.cu)
+            else:
+                y += b
         return y
 
     def backward(self, gy):
         xp = backend.get_array_module(gy)
-        gx = gy @ self.W         # (N, in)
+        gx = xp.matmul(gy, self.W)  # (N, in)
         # into the parameters' own gradient arrays when they await their first
         gW = xp.matmul(gy.T, self.x, out=self.grad_buffer(1))  # (out, in)
         if len(self.inputs) == 3:
+            if backend.use_kernels(xp):
+                return gx, gW, cuda_linear.sum_columns(gy, out=self.grad_buffer(2))
             return gx, gW, gy.sum(axis=0, out=self.grad_buffer(2))
         return gx, gW
 

@@ -20,6 +20,7 @@ import numpy
 from .. import backend
 from ..autograd import Function
 from ..cuda import conv as cuda_conv
+from ..cuda import subsample as cuda_subsample
 from ..cuda.device import is_cnhw as _is_cnhw
 
 # --------------------------------------------------------------------------
@@ -110,6 +111,8 @@ class Conv2d(Function):
 def _every_other_pixel(x, stride):
     """x[:, :, ::sh, ::sw] as a new array in x's memory layout (NCHW or CNHW)."""
     xp = backend.get_array_module(x)
+    if backend.use_kernels(xp):  # one launch (kernels/subsample.cu)
+        return cuda_subsample.gather_pixels(x, stride)
     sh, sw = stride
     if _is_cnhw(x):
         return xp.ascontiguousarray(x.transpose(1, 0, 2, 3)[:, :, ::sh, ::sw]).transpose(1, 0, 2, 3)
@@ -120,6 +123,8 @@ def _scatter_pixels(gxs, x_shape, stride):
     """The gradient of ``_every_other_pixel``: gxs at every (sh, sw)-th pixel, zeros
     elsewhere, in gxs's memory layout."""
     xp = backend.get_array_module(gxs)
+    if backend.use_kernels(xp):  # one launch writing values and zeros together
+        return cuda_subsample.scatter_pixels(gxs, x_shape, stride)
     sh, sw = stride
     if _is_cnhw(gxs):
         n, c, h, w = x_shape

@@ -60,6 +60,9 @@ class CrossEntropy(Function):
                     cuda_loss.softmax_cross_entropy_backward))
         self.logits = logits
         loss, self.saved = forward(logits, self.labels, self.eps)  # (N,), what backward needs
+        if self.reduction in ("mean", "sum") and forward is cuda_loss.softmax_cross_entropy_forward:
+            # one block adds the losses in a fixed order (kernels/softmax_cross_entropy.cu)
+            return cuda_loss.mean_loss(loss, 1.0 / len(loss) if self.reduction == "mean" else 1.0)
         # NumPy reductions return scalars; a 0-d array keeps the dtype in a Tensor
         if self.reduction == "mean":
             return xp.asarray(loss.mean(), dtype=logits.dtype)
@@ -112,21 +115,30 @@ def cross_entropy(logits, labels, label_smoothing=0.0, reduction="mean"):
 def _labels(labels, n, k, xp):
     """Labels as an integer array of xp, checked against N and K. Host labels
     (NumPy, lists) are checked on the host before they move to the device,
-    which costs no synchronisation; checking device labels reads two numbers
-    back from the device."""
+    which costs no synchronisation. Device labels are checked by the kernels
+    when they run (a bad label's row is NaN, which a training step's
+    non-finite guard reports: no read-back); without them, two numbers are
+    read back from the device to check."""
     if isinstance(labels, Tensor):
         labels = labels.data
-    if backend.get_array_module(labels) is numpy:
+    on_host = backend.get_array_module(labels) is numpy
+    if on_host:
         labels = numpy.asarray(labels)
     if labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be integers (class indices), got dtype {labels.dtype}")
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},) to match logits (N={n}), "
                          f"got {labels.shape}")
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
-        raise ValueError(f"labels must lie in [0, {k - 1}] for {k} classes, got values from "
-                         f"{int(labels.min())} to {int(labels.max())}")
+    if on_host or not backend.use_kernels(xp):
+        check_labels(labels, k)
     return xp.asarray(labels)
+
+
+def check_labels(labels, num_classes):
+    """Raise one ValueError unless every label lies in [0, num_classes)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes, "
+                         f"got values from {int(labels.min())} to {int(labels.max())}")
 
 
 def topk_correct(logits, labels, k):

@@ -3,7 +3,8 @@
 Read top-down: the public functions and their Functions; the plain
 references (every window tap as one strided view, the specification); the
 NumPy fast path, explained here; max pooling's CUDA kernels are launched by
-``minitorch_gx.cuda.pool`` (``kernels/max_pool.cu``). ``backend.choose`` picks
+``minitorch_gx.cuda.pool`` (``kernels/max_pool.cu``), and so is the global
+average pool's (``kernels/avg_pool.cu``). ``backend.choose`` picks
 a (forward, backward) pair in forward, because each implementation keeps its
 own state for backward.
 
@@ -32,6 +33,7 @@ import numpy
 from .. import backend
 from ..autograd import Function
 from ..cuda import pool as cuda_pool
+from ..cuda.device import is_cnhw as _is_cnhw
 
 
 # --------------------------------------------------------------------------
@@ -102,12 +104,18 @@ class AdaptiveAvgPool2d(Function):
     def forward(self, x):
         n, c, h, w = x.shape
         p, q = self.output_size
+        self.x_shape = x.shape
+        self.kernel = (p, q) == (1, 1) and backend.use_kernels(backend.get_array_module(x))
+        if self.kernel:  # the global pool: one launch (kernels/avg_pool.cu), any layout
+            self.cnhw = _is_cnhw(x)
+            return cuda_pool.global_avg_pool_forward(x)
         # The windows tile the input exactly: (N, C, H, W) -> (N, C, P, kh, Q, kw)
         y = x.reshape(n, c, p, h // p, q, w // q).mean(axis=(3, 5))
-        self.x_shape = x.shape
         return y.astype(x.dtype, copy=False)
 
     def backward(self, gy):
+        if self.kernel:  # gx in the forward input's layout
+            return (cuda_pool.global_avg_pool_backward(gy, self.x_shape, self.cnhw),)
         xp = backend.get_array_module(gy)
         n, c, h, w = self.x_shape
         p, q = self.output_size

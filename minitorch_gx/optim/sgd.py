@@ -138,7 +138,10 @@ class SGD:
         """One fill of the flat gradient; every parameter's ``grad`` is its view
         of it, marked zero, so that backward may write the first gradient
         straight into it (``Function.grad_buffer``)."""
-        self.flat_grads.fill(0)
+        if backend.use_kernels(backend.get_array_module(self.flat_grads)):
+            cuda_device.device_for(self.flat_grads).zero_fill(self.flat_grads)  # a memset
+        else:
+            self.flat_grads.fill(0)
         for p, (_, grad, _) in zip(self._params, self._views):
             p.grad = grad
             p.grad_is_zero = True

@@ -9,7 +9,7 @@ import numpy
 import pytest
 
 import minitorch_gx as mt
-from minitorch_gx import functional as F
+from minitorch_gx import backend, functional as F
 from minitorch_gx.cuda import trace
 from tests.backends import needs_emulator
 
@@ -111,3 +111,32 @@ def test_the_batch_norm_step_counter_stays_on_the_host():
         bn(mt.Tensor(trace.to_gpu(numpy.ones((2, 4, 3, 3), numpy.float32))))
     assert int(bn.num_batches_tracked) == 1
     assert [x.name for x in launches if x.kind == "cupy"] == []  # only the BN kernels
+
+
+class _ClockEvent:
+    """A stand-in for cupy.cuda.Event: the host clock when recorded."""
+
+    def record(self, stream=None):
+        import time
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+def test_the_measured_rows_bracket_every_operation_the_trace_lists():
+    """gpu_step --measure times each device operation with a pair of events
+    (minitorch_gx/cuda/timing.py); run here on the traced GPU path with clock
+    stand-ins, every row of the trace must come back with its count: an
+    operation that slipped past the brackets would leave its row unmeasured."""
+    traced = gpu_step.trace_step("resnext_mini", 3, 32, num_classes=10)
+    with trace.fake_gpu(record=False):
+        rows, whole = gpu_step.measure_step(
+            "resnext_mini", 3, 32, num_classes=10, repeat=2, warmup=1, event=_ClockEvent,
+            elapsed=lambda a, b: (b.t - a.t) * 1e3, sync=lambda: None)
+    counts = {}
+    for launch in traced:
+        counts[(launch.kind, launch.name)] = counts.get((launch.kind, launch.name), 0) + 1
+    assert {key: n for key, (n, _) in rows.items()} == counts
+    assert all(ms >= 0 for _, ms in rows.values()) and len(whole) == 2
+    assert backend.cupy is None or not isinstance(backend.cupy, trace.FakeCupy)

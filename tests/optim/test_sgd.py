@@ -333,7 +333,7 @@ def test_the_group_tables_go_to_the_device_once_and_the_learning_rates_each_step
         opt.param_groups[0]["lr"] = 0.05  # as the scheduler does every step
         opt.step()
     assert [(x.kind, x.name) for x in launches] == [("h2d", "host -> device copy"),
-                                                    ("cupy", "fill (zeros)"),
+                                                    ("memset", "memset (zeros)"),
                                                     ("kernel", "sgd_momentum_update")]
     with trace.fake_gpu() as launches:
         opt.param_groups[1]["momentum"] = 0.5  # a table changed: copied again
