@@ -22,7 +22,9 @@ import numpy
 
 import minitorch_gx as mt
 from minitorch_gx import backend, distributed
+from minitorch_gx.cuda.prefetch import DevicePrefetcher
 from minitorch_gx.functional import cross_entropy
+from minitorch_gx.ops.loss import check_labels
 from minitorch_gx.optim import SGD, WarmupCosineLR
 
 from . import checkpoint as ckpt
@@ -297,9 +299,9 @@ class Run:
         x = mt.Tensor(normalize(xp.asarray(images), xp, numpy.float32))
         lr = self.scheduler.step()
         self.optimizer.zero_grad()
-        # host labels: checked on the host, then copied (no read-back)
-        loss = cross_entropy(self.model(x), backend.to_numpy(labels),
-                             label_smoothing=self.args.label_smooth_factor)
+        # labels on the host are checked there and copied; labels on the device
+        # came through DevicePrefetcher, which checked them on the host first
+        loss = cross_entropy(self.model(x), labels, label_smoothing=self.args.label_smooth_factor)
         loss.backward()
         nonfinite = self.optimizer.nonfinite(loss.data)
         stop = self.stops.requested is not None
@@ -309,6 +311,11 @@ class Run:
             stop, nonfinite = self.reducer.flag_sum("stop"), self.reducer.flag_sum("nonfinite")
         self.optimizer.step(skip=nonfinite)
         return loss.data, nonfinite, stop, lr
+
+    def _check_batch(self, batch):
+        """A host batch's labels are class indices, checked before they move to
+        the GPU (there a bad one would only show as a NaN loss)."""
+        check_labels(batch[1], self.num_classes)
 
     def read_interval(self):
         """Steps between reads of the steps' results (loss, non-finite and stop
@@ -345,7 +352,8 @@ class Run:
         progress = _Progress(self.steps_per_epoch, start, epoch_index, a.max_epoch, self.rank)
         epoch = EpochTally(time.perf_counter())
         pending, interval = [], self.read_interval()
-        batches = iter(self.loader)
+        batches = iter(self.loader if self.device == "cpu" else
+                       DevicePrefetcher(self.loader, check=self._check_batch))
         while self._batches_done < self.steps_per_epoch:
             waited = time.perf_counter()
             batch = next(batches, None)
