@@ -4,7 +4,7 @@ gradient put back in place; called by ``minitorch_gx.ops.conv``.
 """
 import numpy
 
-from .device import LAUNCH, blocks as _blocks, check_size as _check_size
+from .device import blocks as _blocks, check_size as _check_size
 from .device import check_threads as _check_threads, defines as _defines, device_for
 from .device import is_cnhw as _is_cnhw, pair as _pair, stored as _stored
 

@@ -8,8 +8,9 @@ reference, a NumPy fast path and a CUDA kernel, chosen by ``backend.choose``;
 At the end of this file Tensor's operators (+, *, @, .sum() ...) are bound to
 these ops, once: ``autograd`` defines Tensor without importing any op.
 """
-from .. import backend
-from .. import autograd
+import numpy
+
+from .. import autograd, backend, cpu
 from ..autograd import Function, Tensor
 from ..cuda import elementwise as cuda_elementwise
 from ..cuda import linear as cuda_linear
@@ -98,8 +99,7 @@ class AddReLU(Function):
         return y
 
     def backward(self, gy):
-        # the reference (one multiply by the mask) is also the NumPy fast path
-        gx = backend.choose(gy, reference=relu_backward_reference, fast=relu_backward_reference,
+        gx = backend.choose(gy, reference=relu_backward_reference, fast=_relu_backward_fast,
                             kernel=cuda_elementwise.relu_backward)(gy, self.y)
         return gx, gx  # d/da = d/db: both summands see the same gradient
 
@@ -120,9 +120,30 @@ def relu_backward_reference(gy, y):
 
 
 def _add_relu_forward_fast(a, b):
+    """max(a + b, 0) in a's memory layout, piece by piece over the threads
+    (``cpu.elementwise``): the sum is still in cache when the maximum reads it."""
     xp = backend.get_array_module(a)
-    y = xp.add(a, b)
-    return xp.maximum(y, 0, out=y)
+    y = xp.empty_like(a)
+    flat = cpu.flat_memory(a, b, y) if xp is numpy else None
+    if flat is None:  # layouts differ (or not NumPy): two plain passes
+        xp.add(a, b, out=y)
+        return xp.maximum(y, 0, out=y)
+
+    def passes(a, b, y):
+        numpy.add(a, b, out=y)
+        numpy.maximum(y, 0, out=y)
+    cpu.elementwise(passes, *flat)
+    return y
+
+
+def _relu_backward_fast(gy, y):
+    """gy where y > 0, else 0, over the threads (``cpu.elementwise``)."""
+    gx = numpy.empty_like(y)
+    flat = cpu.flat_memory(gy, y, gx) if isinstance(gy, numpy.ndarray) else None
+    if flat is None:
+        return relu_backward_reference(gy, y)
+    cpu.elementwise(lambda gy, y, gx: numpy.multiply(gy, y > 0, out=gx), *flat)
+    return gx
 
 
 class Reshape(Function):
@@ -252,12 +273,24 @@ def _reshape_method(t, *shape):
 def add_gradients(a, b):
     """The engine's sum of two gradients of one tensor (autograd.add_gradients):
     a + b, with the kernels one launch of our own (add_relu.cu add_arrays)."""
-    return backend.choose(a, reference=_add_arrays, fast=_add_arrays,
+    return backend.choose(a, reference=_add_arrays, fast=_add_arrays_fast,
                           kernel=cuda_elementwise.add)(a, b)
 
 
 def _add_arrays(a, b):
     return a + b
+
+
+def _add_arrays_fast(a, b):
+    """a + b in a's layout, over the threads when a and b share it."""
+    flat = None
+    if isinstance(a, numpy.ndarray) and isinstance(b, numpy.ndarray) and a.dtype == b.dtype:
+        y = numpy.empty_like(a)
+        flat = cpu.flat_memory(a, b, y)
+    if flat is None:
+        return a + b
+    cpu.elementwise(lambda a, b, y: numpy.add(a, b, out=y), *flat)
+    return y
 
 
 autograd.add_gradients = add_gradients

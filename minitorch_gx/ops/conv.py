@@ -17,7 +17,7 @@ import threading
 
 import numpy
 
-from .. import backend
+from .. import backend, cpu
 from ..autograd import Function
 from ..cuda import conv as cuda_conv
 from ..cuda import subsample as cuda_subsample
@@ -317,12 +317,19 @@ def release_scratch():
 
 
 def _map_chunks(fn, g, itemsize, xp):
-    """[fn(n0, m) for each chunk x[n0:n0 + m] of the batch]."""
+    """[fn(n0, m) for each chunk x[n0:n0 + m] of the batch], in order. The
+    chunks depend only on the sizes; they run over the NumPy path's threads
+    in fixed blocks (``minitorch_gx.cpu``), each thread with its own scratch
+    buffers, each chunk writing only its own images (or returning a partial
+    sum, added in chunk order by the caller): the result is the same bits
+    whatever the thread count."""
     if xp is not numpy:  # a GPU takes the whole batch at once
         return [fn(0, g.N)]
     per_image = g.C * g.S * g.phases * g.H2 * g.Q * itemsize
     n = max(1, min(g.N, CHUNK_BYTES // per_image))
-    return [fn(n0, min(n, g.N - n0)) for n0 in range(0, g.N, n)]
+    chunks = [(n0, min(n, g.N - n0)) for n0 in range(0, g.N, n)]
+    parts = cpu.run_blocks(lambda a, b: [fn(*chunks[i]) for i in range(a, b)], len(chunks))
+    return [result for part in parts for result in part]
 
 
 class _Geometry:

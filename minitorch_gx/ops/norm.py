@@ -23,7 +23,7 @@ import functools
 
 import numpy
 
-from .. import backend
+from .. import backend, cpu
 from ..autograd import Function, Tensor
 from ..cuda import norm as cuda_norm
 
@@ -290,49 +290,76 @@ def _masked(gy2, d, gamma, beta, invstd, length, relu):
     return backend.get_array_module(y).multiply(gy2, y > 0, out=y)  # into y's memory
 
 
+def _channel_blocks(fn, c, per_channel):
+    """fn(c0, c1) for fixed blocks of channels, split over the NumPy path's
+    threads (``minitorch_gx.cpu``); every channel's arithmetic is the same
+    whatever the blocks, so the result does not depend on the thread count."""
+    cpu.run_blocks(fn, c, min_rows=-(-cpu.MIN_BLOCK_ELEMENTS // per_channel))
+
+
 def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, momentum):
     xp = backend.get_array_module(x)
     n, c, length = _dims(x)
     m = n * length
-    x2 = x.reshape(n, c * length)  # (N, C*L)
-    mean = _channel_sum(x2, c) / m
-    d = x2 - _per_element(mean, length, x.dtype)  # (N, C*L); becomes y in place
-    var = _channel_dot(d, d, c) / m  # two-pass variance: sum (x - mean)^2
-    # the statistics in x's dtype before the update and invstd, as the kernels
-    # and the reference compute them (float64 here would change every result
-    # in its last bits, and with them a whole training run)
-    mean, var = mean.astype(x.dtype), var.astype(x.dtype)
+    x2 = xp.ascontiguousarray(x).reshape(n, c * length)  # (N, C*L)
+    y2 = xp.empty_like(x2)
+    mean, var = xp.empty(c, x.dtype), xp.empty(c, x.dtype)
+
+    def channels(c0, c1):
+        cols = slice(c0 * length, c1 * length)
+        mu = _channel_sum(x2[:, cols], c1 - c0) / m
+        # d = x - mean, in y's memory; becomes y in place
+        d = xp.subtract(x2[:, cols], _per_element(mu, length, x.dtype), out=y2[:, cols])
+        v = _channel_dot(d, d, c1 - c0) / m  # two-pass variance: sum (x - mean)^2
+        # the statistics in x's dtype before invstd, as the kernels and the
+        # reference compute them (float64 here would change every result in
+        # its last bits, and with them a whole training run)
+        mean[c0:c1], var[c0:c1] = mu, v
+        invstd = 1 / xp.sqrt(var[c0:c1] + eps)
+        _affine_fast(d, gamma[c0:c1], beta[c0:c1], invstd, length, out=d)
+        if relu:
+            xp.maximum(d, 0, out=d)
+
+    _channel_blocks(channels, c, m)
     if running_mean is not None:
         update_running_reference(running_mean, running_var, mean, var, m, momentum)
-    invstd = 1 / xp.sqrt(var + eps)
-    y = _affine_fast(d, gamma, beta, invstd, length, out=d)
-    if relu:
-        xp.maximum(y, 0, out=y)
-    return y.reshape(x.shape), mean, invstd
+    return y2.reshape(x.shape), mean, 1 / xp.sqrt(var + eps)
 
 
 def _backward_fast(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None, gbeta_out=None,
                    y=None):
+    xp = backend.get_array_module(gy)
     n, c, length = _dims(x)
     m = n * length
     dtype = x.dtype
-    d = x.reshape(n, c * length) - _per_element(mean, length, dtype)  # x - mean, (N, C*L)
-    if relu and y is not None:  # the forward's y: y > 0 is the mask it applied
-        xp = backend.get_array_module(gy)
-        g = xp.multiply(gy.reshape(n, c * length), xp.reshape(y, (n, c * length)) > 0)
-    else:
-        g = _masked(gy.reshape(n, c * length), d, gamma, beta, invstd, length, relu)
-    gbeta = _channel_sum(g, c)
-    invstd = invstd.astype(numpy.float64)
-    ggamma = _channel_dot(g, d, c) * invstd  # sum g * xhat, centred: no cancellation
-    # gx = k * (g - gbeta / M - xhat * ggamma / M),  k = gamma * invstd,
-    # built in place in d: d * (-invstd * ggamma / M) - gbeta / M + g, times k.
-    k = gamma.astype(numpy.float64) * invstd
-    d *= _per_element(-invstd * ggamma / m, length, dtype)
-    d += _per_element(-gbeta / m, length, dtype)
-    d += g
-    d *= _per_element(k, length, dtype)
-    return d.reshape(x.shape), _into(ggamma_out, ggamma, dtype), _into(gbeta_out, gbeta, dtype)
+    x2 = xp.ascontiguousarray(x).reshape(n, c * length)
+    gy2 = xp.ascontiguousarray(gy).reshape(n, c * length)
+    y2 = None if y is None or not relu else xp.ascontiguousarray(y).reshape(n, c * length)
+    gx2 = xp.empty_like(x2)
+    ggamma, gbeta = xp.empty(c, numpy.float64), xp.empty(c, numpy.float64)
+
+    def channels(c0, c1):
+        cols, cb = slice(c0 * length, c1 * length), c1 - c0
+        d = xp.subtract(x2[:, cols], _per_element(mean[c0:c1], length, dtype),
+                        out=gx2[:, cols])  # x - mean, in gx's memory; becomes gx in place
+        if y2 is not None:  # the forward's y: y > 0 is the mask it applied
+            g = xp.multiply(gy2[:, cols], y2[:, cols] > 0)
+        else:
+            g = _masked(gy2[:, cols], d, gamma[c0:c1], beta[c0:c1], invstd[c0:c1], length, relu)
+        gb = _channel_sum(g, cb)
+        inv = invstd[c0:c1].astype(numpy.float64)
+        gg = _channel_dot(g, d, cb) * inv  # sum g * xhat, centred: no cancellation
+        # gx = k * (g - gbeta / M - xhat * ggamma / M),  k = gamma * invstd,
+        # built in place in d: d * (-invstd * ggamma / M) - gbeta / M + g, times k.
+        k = gamma[c0:c1].astype(numpy.float64) * inv
+        d *= _per_element(-inv * gg / m, length, dtype)
+        d += _per_element(-gb / m, length, dtype)
+        d += g
+        d *= _per_element(k, length, dtype)
+        ggamma[c0:c1], gbeta[c0:c1] = gg, gb
+
+    _channel_blocks(channels, c, m)
+    return gx2.reshape(x.shape), _into(ggamma_out, ggamma, dtype), _into(gbeta_out, gbeta, dtype)
 
 
 def _running_invstd(running_var, eps):

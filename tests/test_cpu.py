@@ -1,0 +1,131 @@
+"""minitorch_gx.cpu: the NumPy path's threads and memory. Threads split
+passes in fixed blocks, so every op gives the same bits with 1, 2 or 3
+threads; retained memory means a repeated allocation faults no page."""
+import platform
+import resource
+
+import numpy as np
+import pytest
+
+import minitorch_gx as mt
+from minitorch_gx import cpu, functional as F
+from minitorch_gx.ops import basic, conv, norm
+
+
+def test_blocks_cover_the_rows_in_order_and_depend_only_on_the_counts():
+    assert cpu.blocks(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert cpu.blocks(2, 8) == [(0, 1), (1, 2)]
+    assert cpu.blocks(7, 1) == [(0, 7)]
+
+
+def test_run_blocks_returns_the_results_in_block_order(monkeypatch):
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "3")
+    assert cpu.run_blocks(lambda a, b: (a, b), 9) == [(0, 3), (3, 6), (6, 9)]
+    assert cpu.run_blocks(lambda a, b: (a, b), 9, min_rows=5) == [(0, 9)]  # too small to split
+    # a block asking for blocks runs them in place (no waiting on busy threads)
+    nested = cpu.run_blocks(lambda a, b: cpu.run_blocks(lambda c, d: (c, d), 4), 6)
+    assert nested == [[(0, 4)]] * 3
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1"])
+def test_a_bad_thread_count_is_one_clear_error(monkeypatch, value):
+    monkeypatch.setenv("MINITORCH_GX_THREADS", value)
+    with pytest.raises(ValueError, match="MINITORCH_GX_THREADS"):
+        cpu.threads()
+
+
+def test_the_thread_count_follows_the_settings(monkeypatch):
+    monkeypatch.delenv("MINITORCH_GX_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cpu.threads() == 5
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    assert cpu.threads() == 2
+
+
+def _step_outputs():
+    """Every threaded NumPy pass of a bottleneck, forward and backward."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 64, 14, 14)).astype(np.float32)
+    gy = rng.standard_normal((4, 64, 14, 14)).astype(np.float32)
+    W = rng.standard_normal((64, 2, 3, 3)).astype(np.float32)
+    gamma, beta = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    out = []
+    for stride in (1, 2):
+        y = conv.conv2d_forward(x, W, (stride, stride), (1, 1), 32)
+        out += [y, conv.conv2d_backward_data(y, W, x.shape, (stride, stride), (1, 1), 32),
+                conv.conv2d_backward_weight(y, x, W.shape, (stride, stride), (1, 1), 32)]
+    y, mean, invstd = norm._train_forward_fast(x, gamma, beta, 1e-5, True, None, None, 0.1)
+    out += [y, mean, invstd, *norm._backward_fast(gy, x, gamma, beta, mean, invstd, True, y=y),
+            *norm._backward_fast(gy, x, gamma, beta, mean, invstd, False)]
+    out += [basic._add_relu_forward_fast(x, gy), basic._relu_backward_fast(gy, x),
+            basic._add_arrays_fast(x, gy)]
+    return out
+
+
+def test_threads_never_change_a_result(monkeypatch):
+    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)  # split even these small arrays
+    results = {}
+    for count in ("1", "2", "3"):
+        monkeypatch.setenv("MINITORCH_GX_THREADS", count)
+        results[count] = _step_outputs()
+    for count in ("2", "3"):
+        for i, (a, b) in enumerate(zip(results[count], results["1"])):
+            assert a.tobytes() == b.tobytes(), f"output {i} differs with {count} threads"
+
+
+def test_threaded_passes_equal_their_references(monkeypatch):
+    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(cpu, "PIECE_ELEMENTS", 1000)  # pieces that end mid-row
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((2, 3, 33, 35)), rng.standard_normal((2, 3, 33, 35))
+    assert np.array_equal(basic._add_relu_forward_fast(a, b), np.maximum(a + b, 0))
+    assert np.array_equal(basic._relu_backward_fast(a, b), a * (b > 0))
+    assert np.array_equal(basic._add_arrays_fast(a, b), a + b)
+    # CNHW memory: the result keeps it
+    ac = np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    bc = np.ascontiguousarray(b.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    y = basic._add_relu_forward_fast(ac, bc)
+    assert np.array_equal(y, np.maximum(a + b, 0)) and y.strides == ac.strides
+    # mixed layouts fall back to plain NumPy, still right
+    assert np.array_equal(basic._add_arrays_fast(ac, b), a + b)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="retaining freed memory is a glibc malloc setting")
+def test_retained_memory_makes_a_repeated_allocation_fault_no_page():
+    assert cpu.retain_freed_memory()  # (import minitorch_gx did it already)
+    big = 64 << 20  # 64 MiB, far above glibc's own mapping threshold
+
+    def churn():
+        for _ in range(5):
+            a = np.ones(big // 4, np.float32)
+            a += 1
+            del a
+    churn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    churn()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    # without retention each 64 MiB allocation faults its pages again: >= 32
+    # faults even with 2 MiB huge pages, 16,384 with 4 KiB pages
+    assert faults < 32, f"{faults} page faults for 5 reused 64 MiB allocations"
+
+
+def test_a_training_step_is_the_same_with_one_thread_and_two(monkeypatch):
+    from minitorch_gx.optim import SGD
+    from resnext.model import build_model
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    labels = rng.integers(0, 10, 4)
+    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)
+    params = {}
+    for count in ("1", "2"):
+        monkeypatch.setenv("MINITORCH_GX_THREADS", count)
+        model = build_model("resnext_mini", 10, seed=0).train()
+        opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(mt.Tensor(x)), labels, 0.1).backward()
+            opt.step()
+        params[count] = [p.data.copy() for p in model.parameters()]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(params["1"], params["2"]))
