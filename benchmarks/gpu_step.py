@@ -12,7 +12,10 @@ kind: launches, bytes read + written (each array a launch touches, once),
 FLOPs, and the floor time on an H200, max(bytes / bandwidth, FLOPs / peak)
 per launch, summed. The step is traced at batch 1 and 2 and scaled to
 --batch exactly (every count is affine in the batch; the test suite checks
-this against a third batch). The last line is
+this against a third batch). A line before the last compares the bytes
+with the step's one-pass floor: every op reading each input and writing each
+output once (only batch norm's statistics passes read a tensor again). The
+last line is
 
     step: N launches, X GB, Y GFLOP, floor Z ms
 
@@ -162,6 +165,19 @@ def device_rates():
     return tuple(results)
 
 
+# The kernels whose reads the next kernel of the same op repeats: batch norm
+# needs its statistics before it can apply them, so each tensor it reads is
+# read twice. Without these launches every op of the step reads each input
+# once and writes each output once: the step's one-pass floor of bytes.
+REREADING = {"bn_fwd_reduce": "bn_fwd_apply reads x again",
+             "bn_bwd_reduce": "bn_bwd_apply reads gy and x again"}
+
+
+def one_pass_bytes(launches):
+    """Bytes of the step if every op touched each of its arrays once."""
+    return sum(x.bytes for x in launches if x.name not in REREADING)
+
+
 def floor_s(launch):
     return max(launch.bytes / BANDWIDTH, launch.flops / PEAK)
 
@@ -216,6 +232,9 @@ def main(argv=None):
         print(f"measured: step {numpy.median(whole):.2f} ms (median of {len(whole)}; "
               f"{sum(ms for _, ms in measured.values()):.2f} ms in the rows above, timed one by one); "
               f"copy {copy / 1e12:.2f} TB/s, sgemm {gemm / 1e12:.1f} TFLOP/s on this GPU")
+    total, once = sum(x.bytes for x in launches), one_pass_bytes(launches)
+    print(f"bytes: {total / 1e9:.2f} GB, {total / once:.3f}x the {once / 1e9:.2f} GB of one pass "
+          f"per op (the rest: {'; '.join(REREADING.values())})")
     print(summary(launches))
 
 

@@ -79,7 +79,8 @@ def test_gpu_step_prints_its_table_and_the_summary_line(capsys):
                         lines[-1])
     assert any(line.startswith("ours    grouped_conv2d_fwd") for line in lines)
     launches = int(re.match(r"step: (\d+)", lines[-1]).group(1))
-    assert launches == sum(int(line.split()[-4]) for line in lines[2:-1])
+    assert lines[-2].startswith("bytes: ") and "x the" in lines[-2]
+    assert launches == sum(int(line.split()[-4]) for line in lines[2:-2])
 
 
 @needs_emulator
@@ -140,3 +141,13 @@ def test_the_measured_rows_bracket_every_operation_the_trace_lists():
     assert {key: n for key, (n, _) in rows.items()} == counts
     assert all(ms >= 0 for _, ms in rows.values()) and len(whole) == 2
     assert backend.cupy is None or not isinstance(backend.cupy, trace.FakeCupy)
+
+
+def test_the_step_moves_at_most_1_3_times_the_bytes_of_one_pass_per_op():
+    """Issue 11's target for bytes: every op touches each array once, but for
+    batch norm's statistics, read in a pass of their own."""
+    launches = gpu_step.scaled("resnext50_32x4d", 128, 224)
+    total = sum(x.bytes for x in launches)
+    once = gpu_step.one_pass_bytes(launches)
+    assert {x.name for x in launches} >= set(gpu_step.REREADING)
+    assert once < total <= 1.3 * once, f"{total / once:.3f}x one pass"
