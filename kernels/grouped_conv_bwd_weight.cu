@@ -12,25 +12,48 @@
 //
 // Per group this is GW_g (Kg x CgRS) = GY_g (Kg x NPQ) * X_g^T (NPQ x CgRS): a
 // small output (4x36 to 32x288 numbers per group for ResNeXt) summed over a
-// very long dimension (NPQ = 256*56*56 = 802,816 pixels in layer1 at batch
-// 256). So the pixels are split across blocks and each block adds its partial
-// sums into gW with atomicAdd (the launcher zeroes gW first); the order of
-// those additions varies from run to run, in the last bits only.
+// very long dimension (NPQ = 128*56*56 = 401,408 pixels in layer1 at batch
+// 128). Name a column of X_g^T, (c, r, s) flattened to c*RS + r*S + s, a
+// "combo".
 //
-// Threads
-//   A block owns one "piece" of gW -- one group g, one input channel c, KT = 4
-//   output channels k0..k0+3 and TAPS = 9 filter taps (r, s) -- and a share of
-//   the pixels. Each thread walks its pixels j = (n, p, q) (consecutive threads
-//   take consecutive pixels, so gy loads are coalesced), loads KT values of gy
-//   and TAPS values of x, and keeps KT x TAPS = 36 running sums in registers
-//   (36 multiply-adds per 13 loads). The block then sums the 36 values over
-//   its threads (through shared memory, then warp shuffles) and adds each
-//   total into gW with one atomicAdd.
-//   Launch: grid (G * Cg * ceil(Kg / KT) * ceil(RS / TAPS), splits), block
-//   (WGRAD_THREADS); blockIdx.y picks the share of pixels: pixel j goes to
-//   split (j / WGRAD_THREADS) % splits. Launcher: minitorch_gx/cuda/conv.py
+// Blocks and threads
+//   A block owns a "piece" of gW -- one group g, BK = AGK*TK output channels,
+//   NC = AGC*TX consecutive combos -- and a share of the pixels. Its threads
+//   form AG = AGK*AGC groups of LANES = THREADS/AG (a multiple of 32: a warp
+//   shares its channels and combos); group (ak, ac) keeps the TK x TX partial
+//   sums of channels ak*TK.. and combos ac*TX.. in registers: TK = WGRAD_TK
+//   (4 for groups of at most 4 output channels, else 8: a -D define from the
+//   launcher) and TX = 72/TK (9: one channel's 3x3 taps; 18), 72 sums either way.
+//   The pixels, flattened (n, p, q), are cut into boxes of `box` consecutive
+//   pixels; box b goes to blockIdx.y = b mod splits. Per box, in shared memory:
+//   - gys[j][k]: gy of the block's BK channels at the box's pixels, a row per
+//     pixel (so that a thread's TK channels are vector reads), and pixoff[j],
+//     where pixel j's window starts in the input tile (bytes);
+//   - Xs: the input rows under the box for the channels its combos touch, as
+//     in grouped_conv.cu: images stacked in "virtual rows" (Hv = (P-1)*sh + R
+//     per image), so that any box needs one contiguous run of them, padding
+//     included as zeros, tile_rows (from the launcher) rows per channel.
+//   The threads fill both (each thread issues the loads of FILL = 8 channels
+//   of a pixel or tile position before it stores them, two positions per
+//   step: up to 16 independent global loads in flight), wait at a barrier,
+//   and each lane walks the box's pixels
+//   LANES apart: TK gy values (TK/4 vector reads) and TX inputs read from
+//   shared memory, 72 multiply-adds (per 11 reads for TK = 8, 19 for TK = 4);
+//   a barrier. No integer division inside a loop: positions are carried as
+//   digits, stepped with carries, as in grouped_conv.cu.
+//   At the end each group's 72 sums are added over its LANES lanes through
+//   shared memory, SUMS = 9 combos of one channel at a time (every thread
+//   stores its 9 sums, THREADS/8 threads add 8 lanes each, AG*9 threads add
+//   those), and each total goes into gW with one atomicAdd (the launcher
+//   zeroes gW first); the order of the splits' additions varies from run to
+//   run, in the last bits only.
+//   Wide images: the launcher may cut the output columns into tiles (grid z),
+//   as for grouped_conv.cu, when a padded row would not fit.
+//   Launch: grid (G * ceil(Kg / BK) * ceil(CgRS / NC), splits, column tiles),
+//   block (WGRAD_THREADS). Launcher: minitorch_gx/cuda/conv.py
 //   conv2d_backward_weight, called by ops/conv.py; tested against ops/conv.py
-//   conv2d_backward_weight_reference (tests/ops/test_conv.py).
+//   conv2d_backward_weight_reference (tests/ops/test_conv.py) and against the
+//   kernel this file replaced (tests/cuda/test_grouped_conv_kernels.py).
 
 #ifndef REAL
 #define REAL float
@@ -40,76 +63,240 @@ typedef REAL real;
 #ifndef WGRAD_THREADS
 #define WGRAD_THREADS 256   // a multiple of 32, at most 1024
 #endif
+#ifndef WGRAD_TK
+#define WGRAD_TK 8          // output channels per thread: 4 or 8 (conv.py picks it)
+#endif
+#ifndef WGRAD_POOL_BYTES
+#define WGRAD_POOL_BYTES (40 * 1024)  // gy tile and input tile, then the final sums
+#endif
 
-#define KT 4
-#define TAPS 9
-#define NWARPS (WGRAD_THREADS / 32)
+#define TK WGRAD_TK
+#define TX (72 / TK)        // combos per thread: 72 partial sums either way
+#define SUMS 9             // combos summed over the lanes per round, at the end
+#define BOX_MAX 1024
+#define FILL 8
+#define POOL_ELEMS (WGRAD_POOL_BYTES / (int)sizeof(real))
+// Two blocks per SM in float32 (at most 128 registers a thread); float64
+// register tiles need more.
+#define MIN_BLOCKS (sizeof(real) == 4 ? 2 : 1)
 
-extern "C" __global__ void __launch_bounds__(WGRAD_THREADS)
+// TK values of gy are read as vectors of four; 16-byte aligned through its
+// first member, so that the emulator's translation sees its name.
+struct real4 {
+    __align__(16) real x;
+    real y, z, w;
+};
+
+// The digits (n, a, b) of i = (n*A + a)*B + b, and a step added with carries
+// (the same helpers as grouped_conv.cu).
+struct Digits {
+    int n, a, b;
+};
+
+__device__ __forceinline__ Digits digits(int i, int A, int B) {
+    Digits d;
+    const int ab = i / B;
+    d.b = i - ab * B;
+    d.n = ab / A;
+    d.a = ab - d.n * A;
+    return d;
+}
+
+__device__ __forceinline__ void advance(Digits& x, const Digits& step, int A, int B) {
+    x.b += step.b;
+    if (x.b >= B) { x.b -= B; ++x.a; }
+    x.a += step.a;
+    if (x.a >= A) { x.a -= A; ++x.n; }
+    x.n += step.n;
+}
+
+// The value `bytes` bytes past p. The loops keep their shared-memory offsets
+// in bytes: a read is then one add (nvcc scales an element index at every read).
+__device__ __forceinline__ real at_byte(const real* p, int bytes) {
+    return reinterpret_cast<const real*>(reinterpret_cast<const char*>(p) + bytes)[0];
+}
+
+__device__ __forceinline__ void load_gy(real (&a)[TK], const real* p) {
+#pragma unroll
+    for (int q = 0; q < TK / 4; ++q) {
+        const real4 w = reinterpret_cast<const real4*>(p)[q];
+        a[4 * q] = w.x;
+        a[4 * q + 1] = w.y;
+        a[4 * q + 2] = w.z;
+        a[4 * q + 3] = w.w;
+    }
+}
+
+// AGK, AGC: thread groups along the output channels and the combos; box:
+// pixels per box; tile_rows: virtual rows per channel of the input tile.
+extern "C" __global__ void __launch_bounds__(WGRAD_THREADS, MIN_BLOCKS)
 grouped_conv2d_bwd_weight(const real* __restrict__ gy, const real* __restrict__ x,
                           real* __restrict__ gW, int N, int C, int H, int Wd, int K, int P,
                           int Q, int G, int R, int S, int sh, int sw, int ph, int pw,
-                          int gysn, int gysc, int xsn, int xsc) {
-    __shared__ real red[TAPS][WGRAD_THREADS];
+                          int gysn, int gysc, int xsn, int xsc, int AGK, int AGC, int box,
+                          int tile_rows) {
+    __shared__ __align__(16) real pool[POOL_ELEMS];  // gys, then Xs; at the end red, part
+    __shared__ int pixoff[BOX_MAX];
 
-    if (blockDim.x != WGRAD_THREADS) __trap();  // red and the strides assume this size
-    const int Cg = C / G, Kg = K / G, RS = R * S, PQ = P * Q;
-    const int J = N * PQ;
-    // Which piece of gW this block owns.
-    const int ktiles = (Kg + KT - 1) / KT, ttiles = (RS + TAPS - 1) / TAPS;
-    int piece = blockIdx.x;
-    const int tap0 = (piece % ttiles) * TAPS;
-    piece /= ttiles;
-    const int k0 = (piece % ktiles) * KT;
-    piece /= ktiles;
-    const int c = piece % Cg;
-    const int g = piece / Cg;
+    const int AG = AGK * AGC, lanes = WGRAD_THREADS / AG;
+    if (blockDim.x != WGRAD_THREADS || AG < 1 || lanes * AG != WGRAD_THREADS || lanes % 32 ||
+        box < 1 || box > BOX_MAX)
+        __trap();  // the thread groups and the final sums assume these
+    const int Cg = C / G, Kg = K / G, RS = R * S, CgRS = Cg * RS;
+    const int BK = AGK * TK, NC = AGC * TX;  // output channels and combos of a piece
+    const int ktiles = (Kg + BK - 1) / BK, ctiles = (CgRS + NC - 1) / NC;
+    const int ct = blockIdx.x % ctiles, kt = blockIdx.x / ctiles % ktiles;
+    const int g = blockIdx.x / (ctiles * ktiles);
+    const int k0 = kt * BK, ci0 = ct * NC;
+    const int cfirst = ci0 / RS, nch = (min(ci0 + NC, CgRS) - 1) / RS - cfirst + 1;
 
-    // The (r, s) of this block's taps; invalid taps (past RS) are never used.
-    int tap_r[TAPS], tap_s[TAPS];
-    for (int t = 0; t < TAPS; ++t) {
-        int rs = tap0 + t < RS ? tap0 + t : 0;
-        tap_r[t] = rs / S;
-        tap_s[t] = rs - (rs / S) * S;
-    }
-    const int kvalid = Kg - k0 < KT ? Kg - k0 : KT;
+    // This column tile: output columns q0 .. q0+TQt-1; pixels (n, p, q - q0).
+    const int TQ = (Q + gridDim.z - 1) / gridDim.z, q0 = blockIdx.z * TQ;
+    const int TQt = min(TQ, Q - q0);
+    if (TQt <= 0) return;  // (the whole block)
+    const int J = N * P * TQt;
+    const int Hv = (P - 1) * sh + R, TIW = (TQt - 1) * sw + S, pitch = tile_rows * TIW;
+    // gys[j][k]: a row of BK channels per pixel, an odd number of 16-byte words
+    // long, so that the vectors 8 lanes read or write fall in distinct banks
+    const int gld = BK / 4 % 2 ? BK : BK + 4;
+    const int xs_off = gld * box;  // pool: gys [box][gld], then Xs [nch][pitch]
+    if (xs_off + nch * pitch > POOL_ELEMS || SUMS * WGRAD_THREADS * 9 / 8 > POOL_ELEMS) __trap();
+    const real* Xs = pool + xs_off;
 
-    real acc[KT][TAPS];
-    for (int a = 0; a < KT; ++a)
-        for (int t = 0; t < TAPS; ++t) acc[a][t] = 0;
-
-    const int stride = gridDim.y * WGRAD_THREADS;
-    for (int j = blockIdx.y * WGRAD_THREADS + threadIdx.x; j < J; j += stride) {
-        int n = j / PQ, pq = j - n * PQ, p = pq / Q, q = pq - (pq / Q) * Q;
-        real gv[KT];
-        const real* gyp = gy + n * gysn + (g * Kg + k0) * gysc + pq;
-        for (int a = 0; a < KT; ++a) gv[a] = a < kvalid ? gyp[a * gysc] : 0;
-        const real* xp = x + n * xsn + (g * Cg + c) * xsc;
-        int h0 = p * sh - ph, w0 = q * sw - pw;
-        for (int t = 0; t < TAPS; ++t) {
-            int h = h0 + tap_r[t], w = w0 + tap_s[t];
-            real xv = (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)Wd ? xp[h * Wd + w] : 0;
-            for (int a = 0; a < KT; ++a) acc[a][t] += gv[a] * xv;
+    const int t = threadIdx.x, grp = t / lanes, lane = t - grp * lanes;
+    const int ak = grp % AGK, ac = grp / AGK;
+    // Where this thread's combos ci0 + ac*TX + i read Xs, from a pixel's window
+    // corner, in bytes (0 for combos past CgRS: their sums are never used).
+    int xo[TX];
+    {
+        Digits crs = digits(ci0 + ac * TX, R, S);  // (c, r, s)
+        const Digits one = {0, 0, 1};
+#pragma unroll
+        for (int i = 0; i < TX; ++i) {
+            const int elems = (crs.n - cfirst) * pitch + crs.a * TIW + crs.b;
+            xo[i] = ci0 + ac * TX + i < CgRS ? elems * (int)sizeof(real) : 0;
+            advance(crs, one, R, S);
         }
     }
+    real acc[TK][TX];
+#pragma unroll
+    for (int a = 0; a < TK; ++a)
+#pragma unroll
+        for (int i = 0; i < TX; ++i) acc[a][i] = 0;
 
-    // Sum each of the KT*TAPS values over the block, one output channel a at
-    // a time: every thread stores its TAPS sums in shared memory (row t,
-    // column = thread), then warp w adds up rows w, w + NWARPS, ...: each lane
-    // sums a strided part of the row, five shuffles finish it, lane 0 adds
-    // the block's total into gW. (A shuffle tree per value would cost 36 x 5
-    // shuffles per warp; this costs 4 rounds of at most 2 x 5.)
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    for (int a = 0; a < KT; ++a) {
-        for (int t = 0; t < TAPS; ++t) red[t][threadIdx.x] = acc[a][t];
+    // Box b = blockIdx.y, +gridDim.y, ...: its first and last pixels as
+    // digits (n, p, q), stepped from box to box.
+    const int boxes = (J + box - 1) / box;
+    Digits bfirst = digits(blockIdx.y * box, P, TQt);
+    Digits blast = digits(blockIdx.y * box + box - 1, P, TQt);
+    const Digits bstep = digits(gridDim.y * box, P, TQt);
+    const Digits end = digits(J - 1, P, TQt);
+    const Digits t_pix = digits(t, P, TQt), threads_pix = digits(WGRAD_THREADS, P, TQt);
+    const Digits t_pos = digits(t, Hv, TIW), threads_pos = digits(WGRAD_THREADS, Hv, TIW);
+    const real* gy_g = gy + (g * Kg + k0) * gysc + q0;
+    const real* x_g = x + (g * Cg + cfirst) * xsc;
+
+    for (int b = blockIdx.y; b < boxes; b += gridDim.y) {
+        const int j0 = b * box, nbox = min(box, J - j0);
+        Digits lastp = blast;
+        if (j0 + box > J) lastp = end;
+        const int vr0 = bfirst.n * Hv + bfirst.a * sh;
+        const int rows = lastp.n * Hv + lastp.a * sh + R - vr0;
+        if (rows > tile_rows) __trap();  // conv.py sizes tile_rows for the largest box
+
+        // gy tile and pixel offsets (bytes): pixel jl = t, t+THREADS, ...
+        Digits px = bfirst;
+        advance(px, t_pix, P, TQt);
+#pragma unroll 2
+        for (int jl = t; jl < nbox; jl += WGRAD_THREADS) {
+            pixoff[jl] = ((px.n * Hv + px.a * sh - vr0) * TIW + px.b * sw) * (int)sizeof(real);
+            const int off = px.n * gysn + px.a * Q + px.b;
+            for (int kk0 = 0; kk0 < BK; kk0 += FILL) {
+                real v[FILL];
+#pragma unroll
+                for (int k = 0; k < FILL; ++k)
+                    v[k] = kk0 + k < BK && k0 + kk0 + k < Kg ? gy_g[off + (kk0 + k) * gysc] : 0;
+#pragma unroll
+                for (int q = 0; q < FILL / 4; ++q) {
+                    const real4 w = {v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]};
+                    if (kk0 + 4 * q < BK) reinterpret_cast<real4*>(pool + jl * gld + kk0)[q] = w;
+                }
+            }
+            advance(px, threads_pix, P, TQt);
+        }
+        // Input tile: position e is virtual position vr0*TIW + e, as digits
+        // (image, virtual row, column).
+        Digits pos = {bfirst.n, bfirst.a * sh, 0};
+        advance(pos, t_pos, Hv, TIW);
+#pragma unroll 2
+        for (int e = t; e < rows * TIW; e += WGRAD_THREADS) {
+            const int h = pos.a - ph, w = pos.b + q0 * sw - pw;
+            const bool inside = (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)Wd;
+            const int off = pos.n * xsn + h * Wd + w;
+            for (int c0 = 0; c0 < nch; c0 += FILL) {
+                real v[FILL];
+#pragma unroll
+                for (int k = 0; k < FILL; ++k)
+                    v[k] = inside && c0 + k < nch ? x_g[off + (c0 + k) * xsc] : 0;
+#pragma unroll
+                for (int k = 0; k < FILL; ++k)
+                    if (c0 + k < nch) pool[xs_off + (c0 + k) * pitch + e] = v[k];
+            }
+            advance(pos, threads_pos, Hv, TIW);
+        }
         __syncthreads();
-        for (int t = warp; t < TAPS; t += NWARPS) {
-            real v = 0;
-            for (int i = lane; i < WGRAD_THREADS; i += 32) v += red[t][i];
-            for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-            if (lane == 0 && a < kvalid && tap0 + t < RS)
-                atomicAdd(&gW[((g * Kg + k0 + a) * Cg + c) * RS + tap0 + t], v);
+
+        for (int jl = lane; jl < nbox; jl += lanes) {
+            const int o = pixoff[jl];
+            real gv[TK], xv[TX];
+            load_gy(gv, pool + jl * gld + ak * TK);
+#pragma unroll
+            for (int i = 0; i < TX; ++i) xv[i] = at_byte(Xs, o + xo[i]);
+#pragma unroll
+            for (int a = 0; a < TK; ++a)
+#pragma unroll
+                for (int i = 0; i < TX; ++i) acc[a][i] += gv[a] * xv[i];
         }
-        __syncthreads();  // red is rewritten by the next round
+        __syncthreads();  // the next box (or the sums below) overwrites the tiles
+        advance(bfirst, bstep, P, TQt);
+        advance(blast, bstep, P, TQt);
+    }
+
+    // Each group's sums over its lanes, SUMS combos of one output channel a
+    // at a time: red[i][t] holds thread t's sum for combo i0+i; thread pt <
+    // THREADS/8 adds 8 lanes of group pt / parts (lanes pc, pc + parts, ...)
+    // into part[i][pt]; thread t < AG*SUMS adds the parts of (group, combo)
+    // (t / SUMS, i0 + t % SUMS) and adds the total into gW.
+    real* red = pool;
+    real* part = pool + SUMS * WGRAD_THREADS;  // (the pool holds both: checked above)
+    const int parts = lanes / 8, nparts = WGRAD_THREADS / 8;
+    const int pg = t / parts, pc = t - pg * parts;
+    const int og = t / SUMS, oi = t - og * SUMS;
+    const int ok = k0 + og % AGK * TK, oci = ci0 + og / AGK * TX + oi;
+#pragma unroll
+    for (int a = 0; a < TK; ++a) {
+#pragma unroll
+        for (int i0 = 0; i0 < TX; i0 += SUMS) {
+#pragma unroll
+            for (int i = 0; i < SUMS; ++i) red[i * WGRAD_THREADS + t] = acc[a][i0 + i];
+            __syncthreads();
+            if (t < nparts) {
+#pragma unroll
+                for (int i = 0; i < SUMS; ++i) {
+                    real s = 0;
+#pragma unroll
+                    for (int l = 0; l < 8; ++l)
+                        s += red[i * WGRAD_THREADS + pg * lanes + pc + l * parts];
+                    part[i * nparts + t] = s;
+                }
+            }
+            __syncthreads();
+            if (t < AG * SUMS) {
+                real s = 0;
+                for (int c = 0; c < parts; ++c) s += part[oi * nparts + og * parts + c];
+                if (ok + a < Kg && oci + i0 < CgRS)
+                    atomicAdd(&gW[(g * Kg + ok + a) * CgRS + oci + i0], s);
+            }
+        }
     }
 }

@@ -1,6 +1,8 @@
 """Launchers of the grouped-convolution kernels: ``kernels/grouped_conv.cu``
-(forward and input gradient, one implicit GEMM per group) and
-``kernels/grouped_conv_bwd_weight.cu`` (weight gradient).
+(forward and input gradient: each block convolves a tile of input rows held
+in shared memory) and ``kernels/grouped_conv_bwd_weight.cu`` (weight gradient).
+``_conv_plan`` and ``_wgrad_plan`` size their tiles and grids as the kernels'
+headers describe.
 
 Each launcher takes arrays, checks shapes and dtypes, allocates its outputs
 and launches; its signature is the one of the op step it implements in
@@ -11,10 +13,12 @@ NumPy arrays in the CPU emulator (``device_for`` picks): the same launch code.
 matrix products: they go to cuBLAS through ``xp.matmul``/``xp.tensordot``
 (NumPy's BLAS in the emulator). Every other convolution -- the grouped 3x3
 convs, the 7x7 stem (an im2col buffer for it would take ~2 GB at batch 256)
-and any grouped 1x1 -- runs our implicit-GEMM kernels. Kernels index with
+and any grouped 1x1 -- runs our kernels. Kernels index with
 32-bit ints; float32 is what the GPU trains in, float64 works too
 (``-DREAL=double``), for gradient checks.
 """
+import functools
+
 import numpy
 
 from .device import check_size as _check_size, check_threads as _check_threads
@@ -49,19 +53,108 @@ def _use_gemm(geo):
     return GEMM_FOR_1X1 and groups == 1 and r == s == 1 and ph == pw == 0
 
 
-def _conv_gemm_launch(kernel, src, W, dst, geo, rows, strides):
+# --------------------------------------------------------------------------
+# The shared-memory tiles of grouped_conv.cu and grouped_conv_bwd_weight.cu,
+# as their headers describe them; the constants mirror the files' defaults.
+# --------------------------------------------------------------------------
+CONV_TN = 8                    # TN: pixels per thread
+CONV_POOL_BYTES = 47 * 1024    # CONV_POOL_BYTES: input tile + weight tile
+WGRAD_SUMS = 9                 # SUMS: combos summed per round at the end
+WGRAD_BOX_MAX = 1024           # BOX_MAX: pixels per box
+WGRAD_POOL_BYTES = 40 * 1024   # WGRAD_POOL_BYTES: gy tile + input tile
+# The files' defaults of the defines the launchers may pass; a launch passes
+# only those that differ, so that the usual builds are device.builds()'s.
+# (Tests shrink the pools, to reach several chunks and column tiles.)
+_FILE_DEFAULTS = {"CONV_TM": 8, "CONV_POOL_BYTES": 47 * 1024,
+                  "WGRAD_TK": 8, "WGRAD_POOL_BYTES": 40 * 1024}
+
+
+def _nondefault(**defines):
+    return tuple((name, v) for name, v in defines.items() if v != _FILE_DEFAULTS[name])
+
+
+def _axes(geo, backward):
+    """Per phase, the (count, taps, step) of the rows and of the columns of the
+    correlation a block computes (struct Axis of grouped_conv.cu)."""
+    n, c, h, w, k, p, q, groups, r, s, sh, sw, ph, pw = geo
+    if not backward:
+        return [((p, r, sh), (q, s, sw))]
+
+    def axis(size, taps, stride, pad, phase):
+        r0 = (phase + pad) % stride
+        count = -(-(size - phase) // stride) if size > phase else 0
+        return count, -(-(taps - r0) // stride) if r0 < taps else 0, 1
+    return [(axis(h, r, sh, ph, fh), axis(w, s, sw, pw, fw))
+            for fh in range(sh) for fw in range(sw)]
+
+
+def _tile_rows_needed(n, rows, cols, row_step, row_taps, box):
+    """The most virtual rows (see grouped_conv.cu) a box of ``box`` consecutive
+    pixels of an (n, rows, cols) output needs, over all boxes."""
+    total = n * rows * cols
+    first = numpy.arange(0, total, box, dtype=numpy.int64)
+    last = numpy.minimum(first + box, total) - 1
+    hv = (rows - 1) * row_step + row_taps
+
+    def virtual_row(j):
+        return j // (rows * cols) * hv + j // cols % rows * row_step
+    return int((virtual_row(last) - virtual_row(first)).max()) + row_taps
+
+
+def _column_tiles(widths_fit, most):
+    """The fewest column tiles (1 .. most) for which ``widths_fit(tiles)``."""
+    for tiles in range(1, most + 1):
+        if widths_fit(tiles):
+            return tiles
+    raise ValueError("conv2d: the filter and its input rows do not fit in the kernels' shared "
+                     "memory even one output column at a time")
+
+
+def _tile_widths(count, tiles):
+    """The widths of the column tiles of grouped_conv.cu: TQ = ceil(count / tiles)."""
+    tq = -(-count // tiles)
+    return {width for width in (min(tq, count - i * tq) for i in range(tiles)) if width > 0}
+
+
+@functools.lru_cache(maxsize=512)
+def _conv_plan(kernel, geo, rows, threads, itemsize, pool_bytes):
+    """(BM, CONV_TM, grid) of grouped_conv.cu (see its header) for ``rows``
+    output channels per group and a shared pool of ``pool_bytes``; memoized
+    (a training step asks for the same few shapes every time)."""
+    bm = _tile_rows(rows)
+    tm = 4 if bm == 4 else 8
+    bn = threads // (bm // tm) * CONV_TN           # pixels per block
+    n, c, h, w, k, p, q, groups = geo[:8]
+    pool = pool_bytes // itemsize
+    phases = _axes(geo, kernel.endswith("data"))
+
+    def fits(tiles):
+        """Every block finds room for one channel of its input rows and its filter taps."""
+        for (rcount, rtaps, rstep), (ccount, ctaps, cstep) in phases:
+            if rcount == 0 or rtaps == 0 or ctaps == 0:
+                continue  # (a phase no tap reaches: its blocks write zeros)
+            for width in _tile_widths(ccount, tiles):
+                pitch = _tile_rows_needed(n, rcount, width, rstep, rtaps, bn) * \
+                    ((width - 1) * cstep + ctaps)
+                if (pool - 3) // (pitch + rtaps * ctaps * bm) < 1:
+                    return False
+        return True
+    ncol = _column_tiles(fits, max(1, max(cc for _, (cc, _, _) in phases)))
+    pixels = max(n * rc * -(-cc // ncol) for (rc, _, _), (cc, _, _) in phases)
+    grid = (max(1, -(-pixels // bn)), groups * -(-rows // bm), len(phases) * ncol)
+    if grid[1] > 65535 or grid[2] > 65535:
+        raise ValueError(f"conv2d: {groups} groups is more than this kernel's grid allows")
+    return bm, tm, grid
+
+
+def _conv_tile_launch(kernel, src, W, dst, geo, rows, strides):
     dev = device_for(src)
     threads = _check_threads("CONV_THREADS", "grouped_conv.cu", 32, 256, powers_of_two=True)
-    bm = _tile_rows(rows)
-    bn = threads * 16 // bm
-    n, c, h, w, k, p, q, groups = geo[:8]
-    cols = n * (h * w if kernel.endswith("data") else p * q)
-    grid = (-(-cols // bn), groups * -(-rows // bm))
-    if grid[1] > 65535:
-        raise ValueError(f"conv2d: {groups} groups is more than this kernel's grid allows")
+    bm, tm, grid = _conv_plan(kernel, geo, rows, threads, src.itemsize, CONV_POOL_BYTES)
     args = [src, W, dst] + [_i32(v) for v in geo] + [_i32(bm)] + [_i32(v) for v in strides]
     dev.launch("grouped_conv.cu", kernel, grid, (threads,), args,
-               defines=_defines(src.dtype, "CONV_THREADS"))
+               defines=tuple(sorted(_defines(src.dtype, "CONV_THREADS") + _nondefault(
+                   CONV_TM=tm, CONV_POOL_BYTES=CONV_POOL_BYTES))))
 
 
 def conv2d_forward(x, W, stride, padding, groups):
@@ -82,7 +175,7 @@ def conv2d_forward(x, W, stride, padding, groups):
     W = dev.input(W, dtype)
     y, y_memory, ysn, ysc = _empty_planes(dev, (n, k, p, q), dtype, cnhw)
     _check_size(x=x, y=y)
-    _conv_gemm_launch("grouped_conv2d_fwd", x, W, y_memory, geo, k // g, (xsn, xsc, ysn, ysc))
+    _conv_tile_launch("grouped_conv2d_fwd", x, W, y_memory, geo, k // g, (xsn, xsc, ysn, ysc))
     dev.check_written(y)
     return y
 
@@ -116,13 +209,10 @@ def conv2d_backward_data(gy, W, x_shape, stride, padding, groups):
     W = dev.input(W, dtype)
     gx, gx_memory, gxsn, gxsc = _empty_planes(dev, (n, c, h, w), dtype, cnhw)
     _check_size(gy=gy, gx=gx)
-    _conv_gemm_launch("grouped_conv2d_bwd_data", gy, W, gx_memory, geo, c // g,
+    _conv_tile_launch("grouped_conv2d_bwd_data", gy, W, gx_memory, geo, c // g,
                       (gysn, gysc, gxsn, gxsc))
     dev.check_written(gx)
     return gx
-
-
-WGRAD_KT, WGRAD_TAPS = 4, 9  # as KT and TAPS in grouped_conv_bwd_weight.cu
 
 
 def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups, out=None):
@@ -157,21 +247,63 @@ def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups, out=None):
     x, xsn, xsc = _planes(dev, x, dtype)
     gW = dev.zeros(tuple(W_shape), dtype) if out is None else out  # accumulated into
     _check_size(gy=gy, x=x)
-    # red[TAPS][WGRAD_THREADS] of shared memory must fit in 48 KiB
+    # the final sums (SUMS * 9/8 values per thread) reuse the shared pool
     threads = _check_threads("WGRAD_THREADS", "grouped_conv_bwd_weight.cu",
-                             most=min(1024, 48 * 1024 // (WGRAD_TAPS * gy.itemsize)))
-    pieces = g * (c // g) * -(-(k // g) // WGRAD_KT) * -(-(r * s) // WGRAD_TAPS)
-    pixels = n * p * q
-    # Each thread should sum a few dozen pixels before the block's reduction,
-    # but keep ~2 blocks per GPU core slot in flight when the pieces are few.
-    splits = -(-pixels // (threads * 32))
-    if pieces * splits < 1024:
-        splits = max(splits, min(-(-pixels // (threads * 4)), -(-1024 // pieces)))
-    splits = max(1, min(splits, 65535))
-    dev.launch("grouped_conv_bwd_weight.cu", "grouped_conv2d_bwd_weight", (pieces, splits),
-               (threads,), [gy, x, gW] + [_i32(v) for v in geo + (gysn, gysc, xsn, xsc)],
-               defines=_defines(dtype, "WGRAD_THREADS"))
+                             most=min(1024, WGRAD_POOL_BYTES * 8 // (WGRAD_SUMS * 9 * gy.itemsize)))
+    grid, args, tk = _wgrad_plan(geo, threads, gy.itemsize, WGRAD_POOL_BYTES)
+    dev.launch("grouped_conv_bwd_weight.cu", "grouped_conv2d_bwd_weight", grid, (threads,),
+               [gy, x, gW] + [_i32(v) for v in geo + (gysn, gysc, xsn, xsc) + args],
+               defines=tuple(sorted(_defines(dtype, "WGRAD_THREADS") + _nondefault(
+                   WGRAD_TK=tk, WGRAD_POOL_BYTES=WGRAD_POOL_BYTES))))
     return gW
+
+
+def _largest_divisor(n, most):
+    return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
+
+
+@functools.lru_cache(maxsize=512)
+def _wgrad_plan(geo, threads, itemsize, pool_bytes):
+    """(grid, (AGK, AGC, box, tile_rows), TK) of grouped_conv_bwd_weight.cu (see
+    its header) with a shared pool of ``pool_bytes``; memoized."""
+    n, c, h, w, k, p, q, groups, r, s, sh, sw, ph, pw = geo
+    kg, cgrs, rs = k // groups, c // groups * r * s, r * s
+    tk = 4 if kg <= 4 else 8
+    tx = 72 // tk                                         # TX: combos per thread
+    warps = threads // 32
+    agk = _largest_divisor(warps, -(-kg // tk))           # thread groups along k ...
+    agc = _largest_divisor(warps // agk, -(-cgrs // tx))  # ... and along the combos
+    bk, nc = agk * tk, agc * tx
+    gld = bk if bk // 4 % 2 else bk + 4                   # the gy tile's row
+    ktiles, ctiles = -(-kg // bk), -(-cgrs // nc)
+    # the most channels one piece's combos touch
+    nch = max((min(ci + nc, cgrs) - 1) // rs - ci // rs + 1 for ci in range(0, cgrs, nc))
+    pool = pool_bytes // itemsize
+
+    def plan(tiles):
+        """The largest box (pixels) whose tiles fit, and its tile_rows; None if none does."""
+        box = WGRAD_BOX_MAX
+        while box >= 32:
+            rows_needed = [(_tile_rows_needed(n, p, width, sh, r, box), width)
+                           for width in _tile_widths(q, tiles)]
+            tile_rows = max(rows for rows, _ in rows_needed)
+            if all(gld * box + nch * tile_rows * ((width - 1) * sw + s) <= pool
+                   for width in _tile_widths(q, tiles)):
+                return box, tile_rows
+            box //= 2
+        return None
+    tiles = _column_tiles(lambda t: plan(t) is not None, q)
+    box, tile_rows = plan(tiles)
+    box = min(box, n * p * -(-q // tiles))                # (a small problem: one box)
+    tile_rows = max(_tile_rows_needed(n, p, width, sh, r, box) for width in _tile_widths(q, tiles))
+    pieces = groups * ktiles * ctiles
+    boxes = -(-(n * p * -(-q // tiles)) // box)
+    # Enough blocks to fill the GPU (~1024), but each lane should still sum
+    # some 32 pixels or more before the block's final sums.
+    lanes = threads // (agk * agc)
+    most_splits = -(-boxes // -(-32 * lanes // box))
+    splits = max(1, min(most_splits, -(-1024 // pieces), 65535))
+    return (pieces, splits, tiles), (agk, agc, box, tile_rows), tk
 
 
 def _pixels(xp, a, sh, sw):

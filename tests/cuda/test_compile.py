@@ -175,6 +175,19 @@ def test_nvrtc_compiles_for_sm80_and_sm90(nvrtc, file):
         list(pool.map(compile_one, jobs))
 
 
+# The conv launchers' other register tiles (4-channel groups: ResNeXt's layer1),
+# compiled beside the default builds above.
+TILE_VARIANTS = [("grouped_conv.cu", ("CONV_TM", 4)), ("grouped_conv_bwd_weight.cu", ("WGRAD_TK", 4))]
+
+
+@pytest.mark.parametrize("file,variant", TILE_VARIANTS)
+def test_nvrtc_compiles_the_conv_launchers_other_tiles(nvrtc, file, variant):
+    source = (KERNEL_DIR / file).read_text()
+    options = _nvrtc_options(file, numpy.float32, "sm_90") + [f"-D{variant[0]}={variant[1]}"]
+    cubin, _, log = nvrtc.compile(source, file, options)
+    assert cubin[:4] == b"\x7fELF" and "warning" not in log.lower(), log
+
+
 # --------------------------------------------------------------------------
 # nvcc
 # --------------------------------------------------------------------------

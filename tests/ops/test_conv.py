@@ -236,6 +236,10 @@ CONV_CASES = [
     (2, 64, 7, 9, 64, 4, 3, 3, 1, 1),            # 16 per group, odd sizes
     (1, 64, 7, 5, 64, 2, 3, 3, 2, 1),            # 32 per group, stride 2, odd sizes
     (3, 16, 11, 5, 16, 4, 3, 3, 2, 1),           # 4 per group, stride 2, odd sizes
+    (1, 128, 9, 9, 128, 2, 3, 3, 1, 1),          # 64 per group: 3 chunks of 22, 22, 20 channels
+    (2, 4, 8, 7, 4, 1, 2, 2, 3, 0),              # 2x2 stride 3: gx phases no tap reaches
+    (2, 6, 7, 7, 6, 6, 3, 3, 2, 1),              # depthwise 3x3, stride 2
+    (3, 32, 9, 13, 32, 4, 3, 3, 1, 1),           # 8 per group: one block's pixels span 3 images
 ]
 # float64, one case per ResNeXt50 group width (4, 8, 16, 32 channels), odd
 # sizes, stride 1 and 2, tail tiles in both directions
