@@ -10,6 +10,7 @@ import pytest
 import minitorch_gx as mt
 from minitorch_gx import cpu, functional as F
 from minitorch_gx.ops import basic, conv, norm
+from minitorch_gx.optim import sgd
 
 
 def test_blocks_cover_the_rows_in_order_and_depend_only_on_the_counts():
@@ -59,7 +60,9 @@ def _step_outputs():
             *norm._backward_fast(gy, x, gamma, beta, mean, invstd, False)]
     out += [basic._add_relu_forward_fast(x, gy), basic._relu_backward_fast(gy, x),
             basic._add_arrays_fast(x, gy)]
-    return out
+    p, g, buf = (rng.standard_normal(5000).astype(np.float32) for _ in range(3))
+    sgd._sgd_update_fast(p, g, buf, 0.1, 0.9, 1e-4, np.empty_like(p))
+    return out + [p, buf]
 
 
 def test_threads_never_change_a_result(monkeypatch):

@@ -17,7 +17,7 @@ Update (PyTorch's, dampening 0, not Nesterov), per element:
 """
 import numpy
 
-from .. import backend
+from .. import backend, cpu
 from ..cuda import device as cuda_device, sgd as cuda_sgd
 
 
@@ -31,8 +31,20 @@ def sgd_update_reference(p, g, buf, lr, momentum, weight_decay):
 
 
 def _sgd_update_fast(p, g, buf, lr, momentum, weight_decay, scratch):
+    """In place, with no temporaries beyond ``scratch``; on the CPU piece by
+    piece over the threads (``cpu.elementwise``: the element's arithmetic is
+    the same whatever the pieces, and each piece stays in cache through its
+    five passes)."""
+    if backend.get_array_module(p) is numpy and p.ndim == 1 and all(
+            a.flags.c_contiguous for a in (p, g, buf, scratch)):
+        cpu.elementwise(lambda p, g, buf, scratch: _sgd_passes(
+            p, g, buf, lr, momentum, weight_decay, scratch), p, g, buf, scratch)
+    else:
+        _sgd_passes(p, g, buf, lr, momentum, weight_decay, scratch)
+
+
+def _sgd_passes(p, g, buf, lr, momentum, weight_decay, scratch):
     xp = backend.get_array_module(p)
-    # The same arithmetic as the reference, with no temporaries beyond `scratch`.
     if momentum:
         buf *= momentum
         buf += g
