@@ -167,6 +167,34 @@ def add_gradients(a, b):
     return a + b
 
 
+class LazyGradient:
+    """A gradient a backward may return in a cheaper form than its dense array
+    (a strided 1x1 convolution's: zero outside every sh-th row and sw-th
+    column). The engine keeps it so until it meets another gradient of the
+    same tensor, which ``added_to`` joins in one pass, or until a Function or
+    a leaf needs the array itself (``dense``)."""
+
+    def dense(self):
+        raise NotImplementedError
+
+    def added_to(self, a):
+        """a + the gradient, a new array (a is left alone)."""
+        raise NotImplementedError
+
+
+def _dense(g):
+    return g.dense() if isinstance(g, LazyGradient) else g
+
+
+def _sum(a, b):
+    """The sum of two gradients of one tensor, out of place."""
+    if isinstance(b, LazyGradient):
+        return b.added_to(_dense(a))
+    if isinstance(a, LazyGradient):
+        return a.added_to(b)
+    return add_gradients(a, b)
+
+
 def _accumulate_leaf(t, g):
     # A leaf owns its gradient array: the optimizer and the allreduce update
     # it in place, so it must never alias an array another tensor also holds.
@@ -219,7 +247,7 @@ def run_backward(output, grad):
         if f.released:
             raise RuntimeError("backward() through a graph a second time: the arrays it "
                                "needs were freed by the first backward()")
-        gy = grads.pop(id(f), None)
+        gy = _dense(grads.pop(id(f), None))
         if gy is None:  # every consumer of f's output returned None: nothing flows back
             for t in f.inputs:
                 if t.creator is None and t.requires_grad:
@@ -239,14 +267,14 @@ def run_backward(output, grad):
                 if not t.requires_grad:
                     continue
                 if gx is not None:
-                    _accumulate_leaf(t, gx)
+                    _accumulate_leaf(t, _dense(gx))
                 pending[id(t)] -= 1
                 if pending[id(t)] == 0:
                     _fire_hooks(t)
             elif gx is not None:
                 key = id(t.creator)
                 # out of place: gx may be the very array another input received
-                grads[key] = gx if key not in grads else add_gradients(grads[key], gx)
+                grads[key] = gx if key not in grads else _sum(grads[key], gx)
         f.release()
 
 

@@ -1,6 +1,7 @@
 """Launchers of ``kernels/subsample.cu``: the pixels a strided 1x1 convolution
 reads (every sh-th row, every sw-th column), gathered once, and their
-gradient put back in place; called by ``minitorch_gx.ops.conv``.
+gradient put back in place, alone or added to another gradient; called by
+``minitorch_gx.ops.conv``.
 """
 import numpy
 
@@ -11,14 +12,14 @@ from .device import is_cnhw as _is_cnhw, pair as _pair, stored as _stored
 _i32 = numpy.int32
 
 
-def _launch(kernel, src, dst, h, w, p, q, sh, sw, rows):
-    dev = device_for(src)
+def _launch(kernel, arrays, dst, h, w, p, q, sh, sw, rows):
+    dev = device_for(dst)
     threads = _check_threads("EW_THREADS", "subsample.cu")  # a warp per row
-    _check_size(src=src, dst=dst)
-    planes = src.shape[0] * src.shape[1]
+    _check_size(dst=dst, **{f"array{i}": a for i, a in enumerate(arrays)})
+    planes = dst.shape[0] * dst.shape[1]
     dev.launch("subsample.cu", kernel, (_blocks(planes * rows, threads // 32),), (threads,),
-               [src, dst] + [_i32(v) for v in (planes, h, w, p, q, sh, sw)],
-               defines=_defines(src.dtype, "EW_THREADS"))
+               [*arrays, dst] + [_i32(v) for v in (planes, h, w, p, q, sh, sw)],
+               defines=_defines(dst.dtype, "EW_THREADS"))
     dev.check_written(dst)
 
 
@@ -32,7 +33,7 @@ def gather_pixels(x, stride):
     a, b, h, w = x.shape
     p, q = -(-h // sh), -(-w // sw)
     xs = dev.empty((a, b, p, q), dtype)
-    _launch("gather_pixels", x, xs, h, w, p, q, sh, sw, rows=p)
+    _launch("gather_pixels", [x], xs, h, w, p, q, sh, sw, rows=p)
     return _stored(xs, cnhw)
 
 
@@ -50,5 +51,22 @@ def scatter_pixels(gxs, x_shape, stride):
     cnhw = _is_cnhw(gxs)
     gxs = dev.input(_stored(gxs, cnhw), dtype)
     gx = dev.empty(tuple(gxs.shape[:2]) + (h, w), dtype)
-    _launch("scatter_pixels", gxs, gx, h, w, p, q, sh, sw, rows=h)
+    _launch("scatter_pixels", [gxs], gx, h, w, p, q, sh, sw, rows=h)
     return _stored(gx, cnhw)
+
+
+def add_scattered(a, gxs, stride):
+    """a + scatter_pixels(gxs, a.shape, stride) in one pass, a new array in a's
+    memory layout (gxs is brought to it)."""
+    dev, dtype = device_for(a), a.dtype
+    sh, sw = _pair(stride, "stride")
+    n, c, h, w = a.shape
+    p, q = -(-h // sh), -(-w // sw)
+    if tuple(gxs.shape) != (n, c, p, q) or gxs.dtype != dtype:
+        raise ValueError(f"add_scattered: gradient {gxs.dtype} {tuple(gxs.shape)} does not match "
+                         f"{dtype} {tuple(a.shape)} with stride {(sh, sw)}")
+    cnhw = _is_cnhw(a)
+    a, gxs = dev.input(_stored(a, cnhw), dtype), dev.input(_stored(gxs, cnhw), dtype)
+    out = dev.empty(a.shape, dtype)
+    _launch("add_scattered", [a, gxs], out, h, w, p, q, sh, sw, rows=h)
+    return _stored(out, cnhw)

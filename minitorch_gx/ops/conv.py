@@ -18,7 +18,7 @@ import threading
 import numpy
 
 from .. import backend, cpu
-from ..autograd import Function
+from ..autograd import Function, LazyGradient
 from ..cuda import conv as cuda_conv
 from ..cuda import subsample as cuda_subsample
 from ..cuda.device import is_cnhw as _is_cnhw
@@ -98,8 +98,8 @@ class Conv2d(Function):
         # The network's input image needs no gradient: skip the stem's gx.
         if x_in.requires_grad or x_in.creator is not None:
             gx = conv2d_backward_data(gy, self.W, self.x.shape, *args)
-            if self.x.shape != self.x_shape:  # the gathered pixels' gradient, back in place
-                gx = _scatter_pixels(gx, self.x_shape, self.stride)
+            if self.x.shape != self.x_shape:  # the gathered pixels' gradient, put back in place
+                gx = _StridedGradient(gx, self.x_shape, self.stride)  # when it is needed
         if W_in.requires_grad or W_in.creator is not None:
             # into W's own gradient array when it awaits its first (no copy after)
             gW = conv2d_backward_weight(gy, self.x, self.W.shape, *args, out=self.grad_buffer(1))
@@ -134,6 +134,28 @@ def _scatter_pixels(gxs, x_shape, stride):
     gx = xp.zeros(x_shape, gxs.dtype)
     gx[:, :, ::sh, ::sw] = gxs
     return gx
+
+
+class _StridedGradient(LazyGradient):
+    """The input gradient of a strided 1x1 convolution: gxs at every (sh, sw)-th
+    pixel of x, zero elsewhere, kept as gxs. Joined to the input's other
+    gradient (a ResNeXt downsample's input also feeds the block's conv1) in
+    one pass, with no zero-filled full-size array made."""
+
+    def __init__(self, gxs, x_shape, stride):
+        self.gxs, self.x_shape, self.stride = gxs, x_shape, stride
+
+    def dense(self):
+        return _scatter_pixels(self.gxs, self.x_shape, self.stride)
+
+    def added_to(self, a):
+        xp = backend.get_array_module(a)
+        if backend.use_kernels(xp):  # one launch (kernels/subsample.cu add_scattered)
+            return cuda_subsample.add_scattered(a, self.gxs, self.stride)
+        out = xp.array(a, order="K", dtype=numpy.result_type(a, self.gxs))  # a's layout
+        sh, sw = self.stride
+        out[:, :, ::sh, ::sw] += self.gxs
+        return out
 
 
 def _check(x, W, b, stride, padding, groups):

@@ -54,6 +54,50 @@ def test_gather_and_scatter_cover_every_row_with_few_warps_and_any_schedule():
             "subsample.cu")
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape, stride", [((2, 3, 8, 8), (2, 2)), ((3, 2, 7, 9), (2, 3))])
+@pytest.mark.parametrize("layout", ["nchw", "cnhw"])
+def test_add_scattered_equals_a_plus_the_scatter(impl, shape, stride, layout):
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal(shape).astype(np.float32)
+    sh, sw = stride
+    g = rng.standard_normal(a[:, :, ::sh, ::sw].shape).astype(np.float32)
+    expected = a.copy()
+    expected[:, :, ::sh, ::sw] += g
+    with run_on(impl) as dev:
+        put = (lambda v: _cnhw(dev, v)) if layout == "cnhw" else dev
+        out = subsample.add_scattered(put(a), dev(g), stride)  # g NCHW: brought to a's layout
+        assert cuda_device.is_cnhw(out) == (layout == "cnhw")
+    assert np.array_equal(host(out), expected)
+
+
+def _downsample_block(x, W1, Wd):
+    """x feeds a stride-1 1x1 conv and a strided one, joined: a ResNeXt
+    block's input and its two consumers."""
+    a = F.conv2d(x, W1)
+    b = F.conv2d(x, Wd, stride=2)
+    return (F.conv2d(a, Wd, stride=2) + b).sum()
+
+
+@pytest.mark.parametrize("impl", ["fast", pytest.param("emulated", marks=needs_emulator)])
+@pytest.mark.parametrize("layout", ["nchw", "cnhw"])
+def test_a_strided_gradient_joins_the_other_one_exactly(impl, layout):
+    """The strided 1x1 conv's input gradient travels as gxs and is added to
+    the other gradient of its input in one pass: the result equals the
+    reference engine's dense scatter + add."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 4, 6, 6))
+    W1, Wd = rng.standard_normal((4, 4, 1, 1)), rng.standard_normal((5, 4, 1, 1))
+    with run_on("reference"):
+        xr = mt.Tensor(x.copy(), requires_grad=True)
+        _downsample_block(xr, mt.Tensor(W1), mt.Tensor(Wd)).backward()
+    with run_on(impl) as dev:
+        xv = _cnhw(dev, x) if layout == "cnhw" else dev(x)
+        xt = mt.Tensor(xv, requires_grad=True)
+        _downsample_block(xt, mt.Tensor(dev(W1)), mt.Tensor(dev(Wd))).backward()
+    np.testing.assert_allclose(host(xt.grad), host(xr.grad), rtol=1e-12, atol=1e-12)
+
+
 @needs_emulator
 def test_scatter_rejects_a_gradient_of_the_wrong_shape():
     with backend.emulate_kernels(), pytest.raises(ValueError, match="does not match"):
@@ -157,6 +201,10 @@ def test_a_traced_training_step_runs_no_generic_cupy_operation():
     launches = gpu_step.trace_step("resnext_mini", 2, 32, num_classes=10)
     generic = sorted({x.name for x in launches if x.kind == "cupy"})
     assert generic == [], f"generic CuPy operations in the step: {generic}"
+    names = [x.name for x in launches]
+    # the strided convs' input gradients join the other gradient in one pass
+    assert "scatter_pixels" not in names
+    assert names.count("add_scattered") == names.count("gather_pixels") > 0
     assert {x.kind for x in launches} <= {"kernel", "gemm", "memset", "h2d"}
 
 
