@@ -74,6 +74,17 @@ def threads():
 _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
 
 
+def _forget_pool_in_child():
+    # A forked child (a loader worker) has none of the parent's threads: a
+    # pool inherited from it would queue work that no thread ever runs.
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _executor(count):
     global _pool, _pool_size
     with _pool_lock:

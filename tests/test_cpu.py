@@ -132,3 +132,20 @@ def test_a_training_step_is_the_same_with_one_thread_and_two(monkeypatch):
             opt.step()
         params[count] = [p.data.copy() for p in model.parameters()]
     assert all(a.tobytes() == b.tobytes() for a, b in zip(params["1"], params["2"]))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_gets_threads_of_its_own(monkeypatch):
+    """A loader worker is a fork of a process whose pool threads it lacks:
+    work it splits must still run, not wait for threads that do not exist."""
+    import os
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    assert cpu.run_blocks(lambda a, b: b - a, 4) == [2, 2]  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the split work ran
+        try:
+            os._exit(0 if cpu.run_blocks(lambda a, b: b - a, 4) == [2, 2] else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
