@@ -402,6 +402,8 @@ def _lowered_windows(g):
 
 def _lower(x, g, low):
     """Fill low (n, C, S, phases, H2, Q) from the chunk x (n, C, H, W); 0 for padding."""
+    if _shifts_along_rows(x, g):
+        return _lower_by_shifts(x, g, low)
     for s, f, (h0, h1, q0, q1), (rows, cols) in _lowered_windows(g):
         dst = low[:, :, s, f]                            # (n, C, H2, Q)
         if h1 > h0 and q1 > q0:
@@ -410,6 +412,38 @@ def _lower(x, g, low):
         dst[:, :, h1:] = 0
         dst[:, :, h0:h1, :q0] = 0
         dst[:, :, h0:h1, q1:] = 0
+
+
+def _shifts_along_rows(x, g):
+    """A stride-1 convolution whose output rows are as wide as the input's
+    (ResNeXt's 3x3 with padding 1), on C-contiguous images: then tap s of
+    low is x itself, moved by whole rows and by s - pw elements."""
+    return (g.sh == g.sw == 1 and g.Q == g.W and 0 <= g.pw < g.S and g.phases == 1
+            and x.flags.c_contiguous)
+
+
+def _lower_by_shifts(x, g, low):
+    """_lower for ``_shifts_along_rows``: per tap s, one long copy of the
+    flattened images (low[.., h, q] = x[.., h - ph, q + s - pw] is x shifted by
+    ph rows and s - pw elements), then zeros where a shift wrapped a value
+    across a row end, and in the padding rows. Short-row copies run several
+    times slower in NumPy than these."""
+    n, hw = x.shape[0], g.H * g.W
+    flat = x.reshape(n, g.C, hw)
+    for s in range(g.S):
+        shift = s - g.pw                                  # low column q reads x column q + shift
+        dst = low[:, :, s, 0]                             # (n, C, H2, Q)
+        dst_flat = dst.reshape(n, g.C, g.H2 * g.Q)
+        start = g.ph * g.Q
+        lo, hi = max(0, -shift), hw - max(0, shift)       # low's flat positions written
+        dst_flat[:, :, start + lo:start + hi] = flat[:, :, lo + shift:hi + shift]
+        dst[:, :, :g.ph] = 0
+        dst[:, :, g.ph + g.H:] = 0
+        body = dst[:, :, g.ph:g.ph + g.H]
+        if shift > 0:    # the last `shift` columns read past the row's end
+            body[:, :, :, g.W - shift:] = 0
+        elif shift < 0:  # the first -shift columns read before its start
+            body[:, :, :, :-shift] = 0
 
 
 def _unlower_add(glow, g, gx):

@@ -568,3 +568,19 @@ def test_a_1x1_conv_on_cnhw_memory_is_one_gemm_and_no_copy():
                                               out=trace.to_gpu(numpy.zeros(W.shape, numpy.float32)))
     assert [launch.name for launch in launches] == ["cuBLAS GEMM (matmul)"] * 3
     assert cuda_device.is_cnhw(y) and cuda_device.is_cnhw(gx) and gW.shape == W.shape
+
+
+@pytest.mark.parametrize("shape, kernel, padding", [((2, 4, 5, 7), 3, 1), ((1, 3, 6, 6), 5, 2),
+                                                     ((3, 2, 1, 4), 3, 1)])
+def test_lowering_by_row_shifts_equals_the_windowed_lowering(shape, kernel, padding):
+    """The fast path's lowering for stride-1 "same" convolutions (one long
+    shifted copy per tap) fills exactly what the general one fills."""
+    x = numpy.random.default_rng(3).standard_normal(shape)
+    g = conv._Geometry(shape, (4, shape[1], kernel, kernel), (1, 1), (padding, padding), 1)
+    assert conv._shifts_along_rows(x, g)
+    fast, general = (numpy.full(g.lowered_shape(shape[0]), numpy.nan) for _ in range(2))
+    conv._lower_by_shifts(x, g, fast)
+    for s, f, (h0, h1, q0, q1), (rows, cols) in conv._lowered_windows(g):  # the general rule
+        general[:, :, s, f] = 0
+        general[:, :, s, f, h0:h1, q0:q1] = x[:, :, rows, cols]
+    numpy.testing.assert_array_equal(fast, general)
