@@ -53,36 +53,38 @@ KINDS = {"kernel": "ours", "gemm": "cuBLAS", "cupy": "CuPy", "memset": "memset",
          "d2h": "read"}
 
 
-def trace_step(arch, batch, image_size, num_classes=1000, seed=0, device="traced"):
-    """The Launches of one training step at this batch size. ``device``
-    "emulated": run the step for real on NumPy arrays instead (inside
-    ``backend.emulate_kernels()``, the kernels run in the CPU emulator), to
-    compare with; returns None."""
+def _training_step(arch, batch, image_size, num_classes, seed, on_gpu):
+    """(run, images, labels): the parts of train.py's Run that ``Run.step``
+    reads, with the model on the GPU (the current one, real or traced) when
+    ``on_gpu``, and one host batch."""
     model = build_model(arch, num_classes, True, seed=seed)
-    optimizer = None
-    if device == "emulated":
-        optimizer = SGD(trainer.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
-    with trace.fake_gpu(record=False):
-        if optimizer is None:
-            model.to("gpu")
-            optimizer = SGD(trainer.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
+    if on_gpu:
+        model.to("gpu")
+    optimizer = SGD(trainer.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
     run = types.SimpleNamespace(
         model=model.train(), optimizer=optimizer, reducer=None,
-        scheduler=WarmupCosineLR(optimizer, 100, 1, 10), xp=None,
+        scheduler=WarmupCosineLR(optimizer, 100, 1, 10),
+        xp=backend.cupy if on_gpu else numpy,
         args=types.SimpleNamespace(label_smooth_factor=0.1),
         stops=types.SimpleNamespace(requested=None))
     rs = numpy.random.RandomState(seed)
     images = rs.randint(0, 256, (batch, image_size, image_size, 3)).astype(numpy.uint8)
     labels = rs.randint(0, num_classes, batch).astype(numpy.int64)
+    return run, images, labels
+
+
+def trace_step(arch, batch, image_size, num_classes=1000, seed=0, device="traced"):
+    """The Launches of one training step at this batch size. ``device``
+    "emulated": run the step for real on NumPy arrays instead (inside
+    ``backend.emulate_kernels()``, the kernels run in the CPU emulator), to
+    compare with; returns None."""
     if device == "emulated":
-        run.xp = numpy
-        trainer.Run.step(run, images, labels)
+        trainer.Run.step(*_training_step(arch, batch, image_size, num_classes, seed, False))
         return None
     with trace.fake_gpu(record=False):  # a first step: what is made once is made here
-        run.xp = backend.cupy
+        run, images, labels = _training_step(arch, batch, image_size, num_classes, seed, True)
         trainer.Run.step(run, images, labels)
     with trace.fake_gpu() as launches:  # the steady state: the second step
-        run.xp = backend.cupy  # the traced CuPy
         trainer.Run.step(run, images, labels)
     return launches
 
@@ -113,18 +115,8 @@ def measure_step(arch, batch, image_size, num_classes=1000, repeat=5, warmup=2, 
     import time
 
     from minitorch_gx.cuda import timing
-    cupy = backend.cupy
-    sync = sync or (lambda: cupy.cuda.Device().synchronize())
-    model = build_model(arch, num_classes, True, seed=0).to("gpu").train()
-    optimizer = SGD(trainer.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
-    run = types.SimpleNamespace(
-        model=model, optimizer=optimizer, reducer=None,
-        scheduler=WarmupCosineLR(optimizer, 100, 1, 10), xp=cupy,
-        args=types.SimpleNamespace(label_smooth_factor=0.1),
-        stops=types.SimpleNamespace(requested=None))
-    rs = numpy.random.RandomState(0)
-    images = rs.randint(0, 256, (batch, image_size, image_size, 3)).astype(numpy.uint8)
-    labels = rs.randint(0, num_classes, batch).astype(numpy.int64)
+    sync = sync or (lambda: backend.cupy.cuda.Device().synchronize())
+    run, images, labels = _training_step(arch, batch, image_size, num_classes, 0, True)
     for _ in range(warmup):
         trainer.Run.step(run, images, labels)
     sync()

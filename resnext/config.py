@@ -9,6 +9,8 @@ import argparse
 import copy
 import os
 
+from minitorch_gx import cpu
+
 from .runtime import UserError
 
 RECIPE = dict(arch="resnext50_32x4d", per_batch_size=128, lr=0.4, max_epoch=150,
@@ -210,6 +212,10 @@ def _common_problems(args):
     path = args.checkpoint_file_path
     if path is not None and not os.path.exists(path):
         p.append(f"--checkpoint_file_path {path}: no such file or folder")
+    try:  # the NumPy path's thread count, from the environment (minitorch_gx/cpu.py)
+        cpu.threads()
+    except ValueError as e:
+        p.append(str(e))
     return p
 
 

@@ -312,6 +312,15 @@ class Run:
         self.optimizer.step(skip=nonfinite)
         return loss.data, nonfinite, stop, lr
 
+    _device_batches = None
+
+    def _prefetcher(self):
+        """The loader's batches copied to the GPU one ahead (one prefetcher for
+        the run: its pinned buffers serve every epoch)."""
+        if self._device_batches is None:
+            self._device_batches = DevicePrefetcher(self.loader, check=self._check_batch)
+        return self._device_batches
+
     def _check_batch(self, batch):
         """A host batch's labels are class indices, checked before they move to
         the GPU (there a bad one would only show as a NaN loss)."""
@@ -352,8 +361,7 @@ class Run:
         progress = _Progress(self.steps_per_epoch, start, epoch_index, a.max_epoch, self.rank)
         epoch = EpochTally(time.perf_counter())
         pending, interval = [], self.read_interval()
-        batches = iter(self.loader if self.device == "cpu" else
-                       DevicePrefetcher(self.loader, check=self._check_batch))
+        batches = iter(self.loader if self.device == "cpu" else self._prefetcher())
         while self._batches_done < self.steps_per_epoch:
             waited = time.perf_counter()
             batch = next(batches, None)

@@ -1,6 +1,6 @@
 """minitorch_gx.cpu: the NumPy path's threads and memory. Threads split
 passes in fixed blocks, so every op gives the same bits with 1, 2 or 3
-threads; retained memory means a repeated allocation faults no page."""
+threads; retained memory means a repeated large allocation faults (almost) no page."""
 import platform
 import resource
 

@@ -122,28 +122,17 @@ def relu_backward_reference(gy, y):
 def _add_relu_forward_fast(a, b):
     """max(a + b, 0) in a's memory layout, piece by piece over the threads
     (``cpu.elementwise``): the sum is still in cache when the maximum reads it."""
-    xp = backend.get_array_module(a)
-    y = xp.empty_like(a)
-    flat = cpu.flat_memory(a, b, y) if xp is numpy else None
-    if flat is None:  # layouts differ (or not NumPy): two plain passes
-        xp.add(a, b, out=y)
-        return xp.maximum(y, 0, out=y)
-
     def passes(a, b, y):
         numpy.add(a, b, out=y)
         numpy.maximum(y, 0, out=y)
-    cpu.elementwise(passes, *flat)
-    return y
+    y = cpu.elementwise_new(passes, a, b)
+    return y if y is not None else add_relu_forward_reference(a, b)
 
 
 def _relu_backward_fast(gy, y):
     """gy where y > 0, else 0, over the threads (``cpu.elementwise``)."""
-    gx = numpy.empty_like(y)
-    flat = cpu.flat_memory(gy, y, gx) if isinstance(gy, numpy.ndarray) else None
-    if flat is None:
-        return relu_backward_reference(gy, y)
-    cpu.elementwise(lambda gy, y, gx: numpy.multiply(gy, y > 0, out=gx), *flat)
-    return gx
+    gx = cpu.elementwise_new(lambda gy, y, gx: numpy.multiply(gy, y > 0, out=gx), gy, y)
+    return gx if gx is not None else relu_backward_reference(gy, y)
 
 
 class Reshape(Function):
@@ -283,14 +272,8 @@ def _add_arrays(a, b):
 
 def _add_arrays_fast(a, b):
     """a + b in a's layout, over the threads when a and b share it."""
-    flat = None
-    if isinstance(a, numpy.ndarray) and isinstance(b, numpy.ndarray) and a.dtype == b.dtype:
-        y = numpy.empty_like(a)
-        flat = cpu.flat_memory(a, b, y)
-    if flat is None:
-        return a + b
-    cpu.elementwise(lambda a, b, y: numpy.add(a, b, out=y), *flat)
-    return y
+    y = cpu.elementwise_new(lambda a, b, y: numpy.add(a, b, out=y), a, b)
+    return y if y is not None else a + b
 
 
 autograd.add_gradients = add_gradients

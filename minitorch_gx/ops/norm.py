@@ -303,7 +303,7 @@ def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, mo
     m = n * length
     x2 = xp.ascontiguousarray(x).reshape(n, c * length)  # (N, C*L)
     y2 = xp.empty_like(x2)
-    mean, var = xp.empty(c, x.dtype), xp.empty(c, x.dtype)
+    mean, var, invstd = (xp.empty(c, x.dtype) for _ in range(3))
 
     def channels(c0, c1):
         cols = slice(c0 * length, c1 * length)
@@ -315,15 +315,15 @@ def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, mo
         # reference compute them (float64 here would change every result in
         # its last bits, and with them a whole training run)
         mean[c0:c1], var[c0:c1] = mu, v
-        invstd = 1 / xp.sqrt(var[c0:c1] + eps)
-        _affine_fast(d, gamma[c0:c1], beta[c0:c1], invstd, length, out=d)
+        invstd[c0:c1] = 1 / xp.sqrt(var[c0:c1] + eps)
+        _affine_fast(d, gamma[c0:c1], beta[c0:c1], invstd[c0:c1], length, out=d)
         if relu:
             xp.maximum(d, 0, out=d)
 
     _channel_blocks(channels, c, m)
     if running_mean is not None:
         update_running_reference(running_mean, running_var, mean, var, m, momentum)
-    return y2.reshape(x.shape), mean, 1 / xp.sqrt(var + eps)
+    return y2.reshape(x.shape), mean, invstd
 
 
 def _backward_fast(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None, gbeta_out=None,

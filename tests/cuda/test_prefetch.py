@@ -140,3 +140,15 @@ def test_prefetched_batches_on_a_gpu_equal_the_host_batches():
     batches = _batches(5)
     for (images, labels), (a, b) in zip(DevicePrefetcher(batches), batches):
         assert np.array_equal(host(images), a) and np.array_equal(host(labels), b)
+
+
+def test_a_second_pass_reuses_the_pinned_buffers():
+    """The trainer keeps one prefetcher for the run: every epoch after the
+    first copies through the same two pinned buffers."""
+    log = _Log()
+    batches = _batches(3)
+    prefetcher = DevicePrefetcher(batches, xp=_fake_cupy(log))
+    for _ in range(2):
+        got = [host(images).copy() for images, _ in prefetcher]
+        assert all(np.array_equal(a, b) for a, (b, _) in zip(got, batches))
+    assert sum(1 for e in log if e[0] == "pinned alloc") == 2

@@ -112,6 +112,17 @@ def test_eval_of_missing_checkpoint_is_one_clear_line(data, tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: --checkpoint_file_path {tmp_path / 'none.ckpt'}: no such file or folder"]
 
 
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_a_bad_thread_count_is_one_clear_line_before_any_work(tmp_path, script, monkeypatch):
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "two")
+    r = run_script(script, "--synthetic" if script == "train.py" else "--device_target", *(
+        ["--output_path", str(tmp_path / "out")] if script == "train.py" else ["CPU"]))
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        "error: MINITORCH_GX_THREADS='two' is not a whole number of threads"], r.stderr
+    assert not (tmp_path / "out").exists()  # no run folder made
+
+
 def test_gpu_without_a_gpu_is_a_clear_error(tmp_path):
     from minitorch_gx import backend
     if backend.gpu_available():
