@@ -269,17 +269,19 @@ def resize_center_crop(src, size=224, resize=None, mode="square", draft=True):
 
 
 def normalize(images, xp=np, dtype=np.float32):
-    """uint8 NHWC batch -> float NCHW ``(x - 255 * mean) / (255 * std)``, ImageNet mean/std.
+    """uint8 NHWC batch -> float (N, 3, H, W) ``(x - 255 * mean) / (255 * std)``, ImageNet mean/std.
 
     Meant to run on the device after the (4x smaller) uint8 batch was copied
-    there: pass ``xp`` = numpy or cupy. With the CUDA kernels in use (a GPU, or
-    ``backend.emulate_kernels()``) one kernel does it, bit-identical to
-    ``normalize_reference``.
+    there: pass ``xp`` = numpy or cupy. The result is in CNHW memory, the
+    layout every later op of the NumPy and the GPU paths then keeps (a 1x1
+    convolution is one GEMM over the batch there); the values are
+    ``normalize_reference``'s to the bit. With the CUDA kernels in use (a GPU,
+    or ``backend.emulate_kernels()``) one kernel does it.
     """
     x = xp.asarray(images)
     if x.ndim != 4 or x.shape[3] != 3:
         raise ValueError(f"normalize expects uint8 (N, H, W, 3), got shape {tuple(x.shape)}")
-    return backend.choose(x, reference=normalize_reference, fast=normalize_reference,
+    return backend.choose(x, reference=normalize_reference, fast=_normalize_fast,
                           kernel=_normalize_kernel)(x, xp, dtype)
 
 
@@ -290,6 +292,16 @@ def normalize_reference(x, xp, dtype):
     x -= mean
     x /= std
     return x
+
+
+def _normalize_fast(x, xp, dtype):
+    """normalize_reference's arithmetic, written into CNHW memory."""
+    n, h, w, _ = x.shape
+    out = xp.empty((3, n, h, w), dtype)
+    out[...] = x.transpose(3, 0, 1, 2)                       # (3, N, H, W), as dtype
+    out -= xp.asarray(IMAGENET_MEAN, dtype=dtype).reshape(3, 1, 1, 1) * 255
+    out /= xp.asarray(IMAGENET_STD, dtype=dtype).reshape(3, 1, 1, 1) * 255
+    return out.transpose(1, 0, 2, 3)                         # (N, 3, H, W) in CNHW memory
 
 
 def _normalize_kernel(x, xp, dtype):

@@ -60,6 +60,21 @@ def _step_outputs():
             *norm._backward_fast(gy, x, gamma, beta, mean, invstd, False)]
     out += [basic._add_relu_forward_fast(x, gy), basic._relu_backward_fast(gy, x),
             basic._add_arrays_fast(x, gy)]
+    # CNHW memory, the NumPy path's activations: folded grouped convolutions
+    # (8 outputs per group), 1x1 GEMMs over the batch, batch norm by rows
+    xc, gyc = (np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+               for a in (x, gy))
+    W8 = rng.standard_normal((64, 8, 3, 3)).astype(np.float32)
+    W1 = rng.standard_normal((32, 64, 1, 1)).astype(np.float32)
+    for stride in (1, 2):
+        y = conv.conv2d_forward(xc, W8, (stride, stride), (1, 1), 8)
+        out += [y, conv.conv2d_backward_data(y, W8, x.shape, (stride, stride), (1, 1), 8),
+                conv.conv2d_backward_weight(y, xc, W8.shape, (stride, stride), (1, 1), 8)]
+    y = conv.conv2d_forward(xc, W1, (1, 1), (0, 0), 1)
+    out += [y, conv.conv2d_backward_data(y, W1, x.shape, (1, 1), (0, 0), 1),
+            conv.conv2d_backward_weight(y, xc, W1.shape, (1, 1), (0, 0), 1)]
+    y, mean, invstd = norm._train_forward_fast(xc, gamma, beta, 1e-5, True, None, None, 0.1)
+    out += [y, mean, invstd, *norm._backward_fast(gyc, xc, gamma, beta, mean, invstd, True, y=y)]
     p, g, buf = (rng.standard_normal(5000).astype(np.float32) for _ in range(3))
     sgd._sgd_update_fast(p, g, buf, 0.1, 0.9, 1e-4, np.empty_like(p))
     return out + [p, buf]
@@ -67,6 +82,7 @@ def _step_outputs():
 
 def test_threads_never_change_a_result(monkeypatch):
     monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)  # split even these small arrays
+    monkeypatch.setattr(conv, "FOLD_BYTES", 30000)  # blocks of groups and of images
     results = {}
     for count in ("1", "2", "3"):
         monkeypatch.setenv("MINITORCH_GX_THREADS", count)
@@ -114,19 +130,27 @@ def test_retained_memory_makes_a_repeated_allocation_fault_no_page():
     assert faults < 32, f"{faults} page faults for 5 reused 64 MiB allocations"
 
 
-def test_a_training_step_is_the_same_with_one_thread_and_two(monkeypatch):
+def _input(kind):
+    rng = np.random.default_rng(2)
+    if kind == "nchw":
+        return rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    from resnext.transforms import normalize  # train.py's input: CNHW memory, kept by every op
+    return normalize(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("arch, kind, steps", [("resnext_mini", "nchw", 2),
+                                               ("resnext50_32x4d", "cnhw", 1)])
+def test_a_training_step_is_the_same_with_one_thread_and_two(monkeypatch, arch, kind, steps):
     from minitorch_gx.optim import SGD
     from resnext.model import build_model
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
-    labels = rng.integers(0, 10, 4)
+    x, labels = _input(kind), np.random.default_rng(3).integers(0, 10, 4)
     monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)
     params = {}
     for count in ("1", "2"):
         monkeypatch.setenv("MINITORCH_GX_THREADS", count)
-        model = build_model("resnext_mini", 10, seed=0).train()
+        model = build_model(arch, 10, seed=0).train()
         opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for _ in range(2):
+        for _ in range(steps):
             opt.zero_grad()
             F.cross_entropy(model(mt.Tensor(x)), labels, 0.1).backward()
             opt.step()

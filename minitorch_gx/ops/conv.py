@@ -6,10 +6,14 @@ the three array-level steps it is made of, ``conv2d_forward`` (y from x, W),
 from gy, x), each choosing one of three implementations with
 ``backend.choose``; then those implementations:
   - ``*_reference``: im2col + one matmul per group, the specification;
-  - the NumPy fast path: 1x1 convolutions are matmuls over channels; other
-    kernels are lowered along the width only and finished with one matmul per
-    kernel row over row-shifted views (MEC, Cho & Brand, ICML 2017), chunk by
-    chunk of the batch so the lowered block stays in cache;
+  - the NumPy fast path, in the input's memory layout (NCHW, or CNHW: the
+    layout train.py's activations take, as on the GPU): 1x1 convolutions are
+    matmuls over channels, on CNHW one GEMM over the whole batch; grouped
+    convolutions on CNHW with >= 8 outputs per group are one im2col GEMM per
+    group over the whole batch ("folded"); other kernels are lowered along
+    the width only and finished with one matmul per kernel row over
+    row-shifted views (MEC, Cho & Brand, ICML 2017), chunk by chunk of the
+    batch so the lowered block stays in cache;
   - the CUDA kernels, through their launchers in ``minitorch_gx.cuda.conv``
     (``kernels/grouped_conv.cu``, ``kernels/grouped_conv_bwd_weight.cu``).
 """
@@ -41,6 +45,39 @@ from ..cuda.device import is_cnhw as _is_cnhw
 
 def _pair(v):
     return (int(v), int(v)) if numpy.isscalar(v) else (int(v[0]), int(v[1]))
+
+
+def _own_layout(a):
+    """a itself when its memory is C-contiguous NCHW or CNHW, else an NCHW copy."""
+    xp = backend.get_array_module(a)
+    return a if a.flags.c_contiguous or _is_cnhw(a) else xp.ascontiguousarray(a)
+
+
+def _in_layout(a, cnhw):
+    """a (N, C, H, W) in CNHW memory when ``cnhw``, else in NCHW memory (a copy
+    only when it is not already)."""
+    xp = backend.get_array_module(a)
+    if cnhw:
+        return a if _is_cnhw(a) else xp.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(
+            1, 0, 2, 3)
+    return a if a.flags.c_contiguous else xp.ascontiguousarray(a)
+
+
+def _new(shape, dtype, cnhw, xp, zeros=False):
+    """A new logical (N, C, H, W) array in CNHW memory when ``cnhw``, else
+    NCHW; uninitialised, or zeros."""
+    n, c, h, w = shape
+    memory = (c, n, h, w) if cnhw else (n, c, h, w)
+    a = (xp.zeros if zeros else xp.empty)(memory, dtype)
+    return a.transpose(1, 0, 2, 3) if cnhw else a
+
+
+def _view_as(a, shape):
+    """a reshaped to ``shape`` as a view of the same memory: raises where
+    that is impossible rather than copying (writes into it must land in a)."""
+    v = a.view()
+    v.shape = shape
+    return v
 
 
 def output_size(H, W, R, S, stride, padding):
@@ -416,10 +453,11 @@ def _lower(x, g, low):
 
 def _shifts_along_rows(x, g):
     """A stride-1 convolution whose output rows are as wide as the input's
-    (ResNeXt's 3x3 with padding 1), on C-contiguous images: then tap s of
-    low is x itself, moved by whole rows and by s - pw elements."""
+    (ResNeXt's 3x3 with padding 1), on contiguous planes (NCHW or CNHW
+    memory): then tap s of low is x itself, moved by whole rows and by
+    s - pw elements."""
     return (g.sh == g.sw == 1 and g.Q == g.W and 0 <= g.pw < g.S and g.phases == 1
-            and x.flags.c_contiguous)
+            and x.strides[3] == x.itemsize and x.strides[2] == g.W * x.itemsize)
 
 
 def _lower_by_shifts(x, g, low):
@@ -429,7 +467,7 @@ def _lower_by_shifts(x, g, low):
     across a row end, and in the padding rows. Short-row copies run several
     times slower in NumPy than these."""
     n, hw = x.shape[0], g.H * g.W
-    flat = x.reshape(n, g.C, hw)
+    flat = _view_as(x, (n, g.C, hw))                      # each plane flat, in place
     for s in range(g.S):
         shift = s - g.pw                                  # low column q reads x column q + shift
         dst = low[:, :, s, 0]                             # (n, C, H2, Q)
@@ -458,30 +496,43 @@ def _weight_rows(W, g):
     return W.transpose(2, 0, 1, 3).reshape(g.R, g.G, g.oCg, g.iCg * g.S)  # (R, G, oCg, iCg*S)
 
 
-# 1x1 kernels. With few pixels per image (layer4's 7x7 maps) the per-image
-# matmuls are too thin for BLAS, so the batch is folded into the pixel axis
-# instead, y (K, N*P*Q) = W (K, C) @ x (C, N*P*Q), at the price of two
-# transposing copies.
+# 1x1 kernels. In CNHW memory (the layout the NumPy path's activations take,
+# as the GPU path's: ``resnext.transforms.normalize`` writes it) x is already
+# the (C, N*H*W) matrix of its channels, so a 1x1 convolution is one GEMM per
+# group over every pixel of the batch, y (K, N*P*Q) = W (K, C) @ x (C, N*P*Q),
+# read and written in place. NCHW input takes one matmul per image, except
+# with few pixels per image (7x7 maps and smaller), where the per-image
+# matrices are too thin for BLAS: the batch is then folded into the pixel
+# axis at the price of two transposing copies.
 THIN_PIXELS = 64
 
 
-def _to_channel_major(a, G):
-    """(N, C, P, Q) -> (G, C/G, N*P*Q), a copy."""
+def _channel_matrix(a, G):
+    """(N, C, P, Q) -> (G, C/G, N*P*Q): a view of CNHW memory, else a copy."""
     return a.transpose(1, 0, 2, 3).reshape(G, a.shape[1] // G, -1)      # (G, C/G, N*P*Q)
 
 
-def _from_channel_major(a, g):
-    """(G, C/G, N*P*Q) -> (N, C, P, Q), a copy."""
+def _from_channel_matrix(a, shape, cnhw):
+    """(G, K/G, N*P*Q) -> (N, K, P, Q): the CNHW view of a's memory when
+    ``cnhw``, else an NCHW copy."""
     xp = backend.get_array_module(a)
-    return xp.ascontiguousarray(a.reshape(-1, g.N, g.P, g.Q).transpose(1, 0, 2, 3))  # (N, C, P, Q)
+    n, k, p, q = shape
+    y = a.reshape(k, n, p, q).transpose(1, 0, 2, 3)                    # (N, K, P, Q)
+    return y if cnhw else xp.ascontiguousarray(y)
+
+
+def _one_gemm(a, g):
+    """Whether a 1x1 convolution on ``a`` runs as one GEMM per group over the batch."""
+    return _is_cnhw(a) or g.P * g.Q < THIN_PIXELS
 
 
 def _pointwise_forward(x, W, g):
     xp = backend.get_array_module(x)
     Wg = W.reshape(g.G, g.oCg, g.iCg)                                   # (G, oCg, iCg)
     xs = x[:, :, ::g.sh, ::g.sw]                                        # (N, C, P, Q), a view
-    if g.P * g.Q < THIN_PIXELS:
-        return _from_channel_major(xp.matmul(Wg, _to_channel_major(xs, g.G)), g)
+    if _one_gemm(x, g):
+        y = xp.matmul(Wg, _channel_matrix(xs, g.G))                     # (G, oCg, N*P*Q)
+        return _from_channel_matrix(y, (g.N, g.K, g.P, g.Q), _is_cnhw(x))
     y = xp.matmul(Wg, xs.reshape(g.N, g.G, g.iCg, g.P * g.Q))         # (N, G, oCg, P*Q)
     return y.reshape(g.N, g.K, g.P, g.Q)                    # (N, K, P, Q)
 
@@ -489,27 +540,26 @@ def _pointwise_forward(x, W, g):
 def _pointwise_backward_data(gy, W, g):
     xp = backend.get_array_module(gy)
     Wg_t = W.reshape(g.G, g.oCg, g.iCg).transpose(0, 2, 1)             # (G, iCg, oCg)
-    if g.P * g.Q < THIN_PIXELS:
-        gxs = _from_channel_major(xp.matmul(Wg_t, _to_channel_major(gy, g.G)), g)
+    if _one_gemm(gy, g):
+        gxs = xp.matmul(Wg_t, _channel_matrix(gy, g.G))                 # (G, iCg, N*P*Q)
+        gxs = _from_channel_matrix(gxs, (g.N, g.C, g.P, g.Q), _is_cnhw(gy))
     else:
         gxs = xp.matmul(Wg_t, gy.reshape(g.N, g.G, g.oCg, g.P * g.Q))  # (N, G, iCg, P*Q)
         gxs = gxs.reshape(g.N, g.C, g.P, g.Q)                           # (N, C, P, Q)
     if g.sh == g.sw == 1:
         return gxs
-    gx = xp.zeros((g.N, g.C, g.H, g.W), gy.dtype)
-    gx[:, :, ::g.sh, ::g.sw] = gxs
-    return gx
+    return _scatter_pixels(gxs, (g.N, g.C, g.H, g.W), (g.sh, g.sw))     # in gxs's layout
 
 
 def _pointwise_backward_weight(gy, x, g):
     xp = backend.get_array_module(gy)
     xs = x[:, :, ::g.sh, ::g.sw]                                        # (N, C, P, Q), a view
-    # Summing per-image products goes through an (N, K, iCg) temporary;
-    # folding the batch into the pixel axis copies gy and x instead. Take the
-    # smaller of the two.
-    if g.K * g.iCg > (g.K + g.C) * g.P * g.Q:
-        gy_cm, x_cm = _to_channel_major(gy, g.G), _to_channel_major(xs, g.G)
-        gW = xp.matmul(gy_cm, x_cm.transpose(0, 2, 1))                  # (G, oCg, iCg)
+    # NCHW: summing per-image products goes through an (N, K, iCg)
+    # temporary; folding the batch into the pixel axis copies gy and x
+    # instead. Take the smaller of the two. CNHW folds without a copy.
+    if _is_cnhw(x) or g.K * g.iCg > (g.K + g.C) * g.P * g.Q:
+        gW = xp.matmul(_channel_matrix(gy, g.G),
+                       _channel_matrix(xs, g.G).transpose(0, 2, 1))     # (G, oCg, iCg)
     else:
         x_g = xs.reshape(g.N, g.G, g.iCg, g.P * g.Q)                    # (N, G, iCg, P*Q)
         gy_g = gy.reshape(g.N, g.G, g.oCg, g.P * g.Q)                   # (N, G, oCg, P*Q)
@@ -517,19 +567,180 @@ def _pointwise_backward_weight(gy, x, g):
     return gW.reshape(g.K, g.iCg, 1, 1)                     # (K, iCg, 1, 1)
 
 
+# Grouped convolutions on CNHW memory, the batch folded into each GEMM. The
+# MEC matmuls above are one per image, group and kernel row: on small maps
+# (ResNeXt's later stages; every stage of a 64x64 input) that is thousands
+# of tiny products, whose calls cost more than their arithmetic. With x in
+# CNHW memory the classic im2col matrix of a group,
+#   cols[i, r, s, n, p, q] = x[n, g * iCg + i, p * sh + r - ph, q * sw + s - pw]
+# (0 outside the image), is (iCg*R*S, N*P*Q) with every image of the batch
+# side by side, and one GEMM per group gives that group's rows of y's CNHW
+# memory:  y[g] (oCg, N*P*Q) = W[g] (oCg, iCg*R*S) @ cols.  The threads take
+# fixed blocks of groups (disjoint rows of y, gx and gW); within them, groups
+# and images go in blocks whose cols fit in FOLD_BYTES. With oCg = 4 (layer1)
+# the GEMMs are too thin for BLAS to gain, and the MEC path stays.
+FOLD_BYTES = 4 << 20
+FOLD_MIN_OUT_CHANNELS = 8
+
+
+def _folds(x, g):
+    """Whether the convolution runs folded: CNHW memory, >= 8 outputs per group."""
+    return _is_cnhw(x) and g.oCg >= FOLD_MIN_OUT_CHANNELS
+
+
+def _fold_blocks(g, itemsize):
+    """(groups per block, images per block): a block's cols about FOLD_BYTES."""
+    per_image_group = g.iCg * g.R * g.S * g.P * g.Q * itemsize
+    images = max(1, min(g.N, FOLD_BYTES // per_image_group))
+    groups = max(1, FOLD_BYTES // (per_image_group * images)) if images == g.N else 1
+    return groups, images
+
+
+def _folded_blocks(fn, g, itemsize):
+    """fn(g0, g1, n0, m) over every block of groups and images, the groups
+    split over the threads in fixed blocks; images in order within each."""
+    per_groups, images = _fold_blocks(g, itemsize)
+
+    def groups(g0, g1):
+        for a in range(g0, g1, per_groups):
+            for n0 in range(0, g.N, images):
+                fn(a, min(a + per_groups, g1), n0, min(images, g.N - n0))
+
+    cpu.run_blocks(groups, g.G)
+
+
+def _taps(g):
+    """For each (r, s): the output rows/cols [p0, p1) x [q0, q1) whose tap lies
+    inside the image, and the matching strided slices of x's rows and cols."""
+    for r in range(g.R):
+        p0, p1, rows = _valid(g.P, r - g.ph, g.sh, g.H)
+        for s in range(g.S):
+            q0, q1, cols = _valid(g.Q, s - g.pw, g.sw, g.W)
+            yield r, s, (p0, p1, q0, q1), (rows, cols)
+
+
+def _im2col_block(x_mem, g, cols):
+    """cols (c, R, S, m, P, Q) from x_mem (c, m, H, W), a block of x's CNHW memory."""
+    if g.sh == g.sw == 1 and (g.P, g.Q) == (g.H, g.W):
+        return _im2col_by_shifts(x_mem, g, cols)
+    for r, s, (p0, p1, q0, q1), (rows, cols_x) in _taps(g):
+        dst = cols[:, r, s]                                  # (c, m, P, Q)
+        if p1 > p0 and q1 > q0:
+            dst[:, :, p0:p1, q0:q1] = x_mem[:, :, rows, cols_x]
+        _zero_outside(dst, p0, p1, q0, q1)
+
+
+def _zero_outside(dst, p0, p1, q0, q1):
+    """Zeros in dst (c, m, P, Q) outside rows [p0, p1) and cols [q0, q1)."""
+    dst[:, :, :p0] = 0
+    dst[:, :, p1:] = 0
+    dst[:, :, p0:p1, :q0] = 0
+    dst[:, :, p0:p1, q1:] = 0
+
+
+def _im2col_by_shifts(x_mem, g, cols):
+    """_im2col_block for stride-1 "same" convolutions: tap (r, s) is each
+    channel's row of images (m*H*W values) shifted by (r - ph) * W + s - pw,
+    one long copy; what the shift carried across a row's or an image's edge
+    lies outside the image and is zeroed after. Copies of the 4- to 16-wide
+    rows of small maps would cost several times more."""
+    c, m = x_mem.shape[:2]
+    src = _view_as(x_mem, (c, m * g.H * g.W))
+    length = src.shape[1]
+    for r, s, (p0, p1, q0, q1), _ in _taps(g):
+        dst = cols[:, r, s]                                  # (c, m, P, Q)
+        flat = _view_as(dst, (c, length))
+        shift = (r - g.ph) * g.W + (s - g.pw)                # dst position j reads src j + shift
+        lo, hi = max(0, -shift), length - max(0, shift)
+        flat[:, lo:hi] = src[:, lo + shift:hi + shift]
+        _zero_outside(dst, p0, p1, q0, q1)
+
+
+def _col2im_add_block(gcols, g, gx_mem):
+    """The adjoint of _im2col_block: add gcols (c, R, S, m, P, Q) into gx_mem (c, m, H, W)."""
+    for r, s, (p0, p1, q0, q1), (rows, cols_x) in _taps(g):
+        if p1 > p0 and q1 > q0:
+            gx_mem[:, :, rows, cols_x] += gcols[:, r, s, :, p0:p1, q0:q1]
+
+
+def _memory(a):
+    """A CNHW array's memory, (C, N, H, W) C-contiguous (a view)."""
+    return a.transpose(1, 0, 2, 3)
+
+
+def _group_rows(a_mem, G):
+    """CNHW memory (C, N, H, W) as (G, C/G, N, H*W): each group's rows, a view."""
+    c, n, h, w = a_mem.shape
+    return a_mem.reshape(G, c // G, n, h * w)
+
+
+def _folded_forward(x, W, g):
+    xp = backend.get_array_module(x)
+    Wg = W.reshape(g.G, g.oCg, g.iCg * g.R * g.S)                      # (G, oCg, iCg*R*S)
+    x_mem = _memory(x)                                       # (C, N, H, W)
+    y = _new((g.N, g.K, g.P, g.Q), x.dtype, True, xp)
+    y_rows = _group_rows(_memory(y), g.G)                   # (G, oCg, N, P*Q)
+
+    def block(g0, g1, n0, m):
+        cols = _scratch("cols", ((g1 - g0) * g.iCg, g.R, g.S, m, g.P, g.Q), x.dtype, xp)
+        _im2col_block(x_mem[g0 * g.iCg:g1 * g.iCg, n0:n0 + m], g, cols)
+        out = _view_as(y_rows[g0:g1, :, n0:n0 + m], (g1 - g0, g.oCg, m * g.P * g.Q))
+        xp.matmul(Wg[g0:g1], cols.reshape(g1 - g0, g.iCg * g.R * g.S, m * g.P * g.Q), out=out)
+
+    _folded_blocks(block, g, x.dtype.itemsize)
+    return y
+
+
+def _folded_backward_data(gy, W, g):
+    xp = backend.get_array_module(gy)
+    Wg_t = W.reshape(g.G, g.oCg, g.iCg * g.R * g.S).transpose(0, 2, 1)  # (G, iCg*R*S, oCg)
+    gy_rows = _group_rows(_memory(gy), g.G)                 # (G, oCg, N, P*Q)
+    gx = _new((g.N, g.C, g.H, g.W), gy.dtype, True, xp, zeros=True)
+    gx_mem = _memory(gx)                                     # (C, N, H, W)
+
+    def block(g0, g1, n0, m):
+        gcols = _scratch("cols", ((g1 - g0) * g.iCg, g.R, g.S, m, g.P, g.Q), gy.dtype, xp)
+        gy_block = _view_as(gy_rows[g0:g1, :, n0:n0 + m], (g1 - g0, g.oCg, m * g.P * g.Q))
+        xp.matmul(Wg_t[g0:g1], gy_block,
+                  out=gcols.reshape(g1 - g0, g.iCg * g.R * g.S, m * g.P * g.Q))
+        _col2im_add_block(gcols, g, gx_mem[g0 * g.iCg:g1 * g.iCg, n0:n0 + m])
+
+    _folded_blocks(block, g, gy.dtype.itemsize)
+    return gx
+
+
+def _folded_backward_weight(gy, x, g):
+    xp = backend.get_array_module(gy)
+    x_mem = _memory(x)                                       # (C, N, H, W)
+    gy_rows = _group_rows(_memory(gy), g.G)                 # (G, oCg, N, P*Q)
+    gW = xp.zeros((g.G, g.oCg, g.iCg * g.R * g.S), gy.dtype)           # (G, oCg, iCg*R*S)
+
+    def block(g0, g1, n0, m):
+        cols = _scratch("cols", ((g1 - g0) * g.iCg, g.R, g.S, m, g.P, g.Q), x.dtype, xp)
+        _im2col_block(x_mem[g0 * g.iCg:g1 * g.iCg, n0:n0 + m], g, cols)
+        gy_block = _view_as(gy_rows[g0:g1, :, n0:n0 + m], (g1 - g0, g.oCg, m * g.P * g.Q))
+        cols_t = cols.reshape(g1 - g0, g.iCg * g.R * g.S, m * g.P * g.Q).transpose(0, 2, 1)
+        gW[g0:g1] += xp.matmul(gy_block, cols_t)   # image blocks added in order
+
+    _folded_blocks(block, g, x.dtype.itemsize)
+    return gW.reshape(g.K, g.iCg, g.R, g.S)
+
+
 def _forward_fast(x, W, stride, padding, groups):
     xp = backend.get_array_module(x)
-    x, W = xp.ascontiguousarray(x), xp.ascontiguousarray(W)
+    x, W = _own_layout(x), xp.ascontiguousarray(W)  # y takes x's layout, NCHW or CNHW
     g = _Geometry(x.shape, W.shape, stride, padding, groups)
     if g.is_pointwise():
         return _pointwise_forward(x, W, g)
+    if _folds(x, g):
+        return _folded_forward(x, W, g)
     W_rows = _weight_rows(W, g)                                   # (R, G, oCg, iCg*S)
-    y = xp.empty((g.N, g.K, g.P, g.Q), x.dtype)
+    y = _new((g.N, g.K, g.P, g.Q), x.dtype, _is_cnhw(x), xp)
 
     def chunk(n0, m):
         low = _scratch("lowered", g.lowered_shape(m), x.dtype, xp)
         _lower(x[n0:n0 + m], g, low)
-        y_chunk = y[n0:n0 + m].reshape(m, g.G, g.oCg, g.P * g.Q)  # (m, G, oCg, P*Q)
+        y_chunk = _view_as(y[n0:n0 + m], (m, g.G, g.oCg, g.P * g.Q))  # (m, G, oCg, P*Q)
         partial = _scratch("partial", y_chunk.shape, x.dtype, xp)
         for r in range(g.R):
             out = y_chunk if r == 0 else partial
@@ -551,10 +762,12 @@ def _flipped_weight(W, g):
 
 def _backward_data_fast(gy, W, x_shape, stride, padding, groups):
     xp = backend.get_array_module(gy)
-    gy, W = xp.ascontiguousarray(gy), xp.ascontiguousarray(W)
+    gy, W = _own_layout(gy), xp.ascontiguousarray(W)  # gx takes gy's layout
     g = _Geometry(x_shape, W.shape, stride, padding, groups)
     if g.is_pointwise():
         return _pointwise_backward_data(gy, W, g)
+    if _folds(gy, g) and (g.sh, g.sw) != (1, 1):  # (stride 1: the forward below, folded too)
+        return _folded_backward_data(gy, W, g)
     if g.sh == g.sw == 1 and g.ph < g.R and g.pw < g.S:
         # A stride-1 convolution's input gradient is itself a stride-1
         # convolution of gy, with the flipped weight and the complementary padding.
@@ -563,8 +776,8 @@ def _backward_data_fast(gy, W, x_shape, stride, padding, groups):
     # General case: per kernel row, W^T @ gy fills the lowered gradient, which
     # is then added back onto the image positions it was read from.
     W_rows_t = _weight_rows(W, g).transpose(0, 1, 3, 2)             # (R, G, iCg*S, oCg)
-    gy_g = gy.reshape(g.N, g.G, g.oCg, g.P * g.Q)                       # (N, G, oCg, P*Q)
-    gx = xp.zeros(x_shape, gy.dtype)
+    gy_g = _view_as(gy, (g.N, g.G, g.oCg, g.P * g.Q))                   # (N, G, oCg, P*Q)
+    gx = _new(x_shape, gy.dtype, _is_cnhw(gy), xp, zeros=True)
 
     def chunk(n0, m):
         glow = _scratch("lowered", g.lowered_shape(m), gy.dtype, xp)
@@ -580,12 +793,15 @@ def _backward_data_fast(gy, W, x_shape, stride, padding, groups):
 
 
 def _backward_weight_fast(gy, x, W_shape, stride, padding, groups):
+    x = _own_layout(x)
+    gy = _in_layout(gy, _is_cnhw(x))  # gy in x's layout, NCHW or CNHW
     xp = backend.get_array_module(gy)
-    gy, x = xp.ascontiguousarray(gy), xp.ascontiguousarray(x)
     g = _Geometry(x.shape, W_shape, stride, padding, groups)
     if g.is_pointwise():
         return _pointwise_backward_weight(gy, x, g)
-    gy_g = gy.reshape(g.N, g.G, g.oCg, g.P * g.Q)                       # (N, G, oCg, P*Q)
+    if _folds(x, g):
+        return _folded_backward_weight(gy, x, g)
+    gy_g = _view_as(gy, (g.N, g.G, g.oCg, g.P * g.Q))                   # (N, G, oCg, P*Q)
 
     def chunk(n0, m):
         low = _scratch("lowered", g.lowered_shape(m), x.dtype, xp)

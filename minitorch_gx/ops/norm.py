@@ -25,6 +25,7 @@ import numpy
 
 from .. import backend, cpu
 from ..autograd import Function, Tensor
+from ..cuda import device as cuda_device
 from ..cuda import norm as cuda_norm
 
 
@@ -241,52 +242,132 @@ def batch_norm_infer_backward_reference(gy, x, gamma, beta, running_mean, runnin
 
 
 # --------------------------------------------------------------------------
-# Fast path. Every big array is viewed as (N, C*L): reductions run over N
-# first (adding whole contiguous rows), then over L on a small (C, L) array
-# in float64; per-channel constants are repeated to (C*L,) so each
-# elementwise pass has one long inner loop, even for the 7x7 and smaller
-# maps of the last stage, where a (C, 1) broadcast would run C*N loops of
-# only L numbers. Channel statistics are computed in float64.
+# Fast path. Each channel's values are reached through one of two views of
+# the memory (``_layout``), and the passes below are written once for both:
+#   NCHW: (N, C*L). Reductions run over N first (adding whole contiguous
+#     rows), then over L on a small (C, L) array in float64; per-channel
+#     constants are repeated to (C*L,), so each elementwise pass has one long
+#     inner loop even for the 7x7 and smaller maps of the last stage, where a
+#     (C, 1) broadcast would run C*N loops of only L numbers.
+#   CNHW (the NumPy path's activations, as the GPU path's): (C, N*L), one
+#     contiguous row per channel. Reductions run along the rows, in pieces of
+#     whole images summed in float64; constants broadcast as (C, 1).
+# Channel statistics are computed in float64; the blocks of channels run
+# over the threads (``minitorch_gx.cpu``), each channel's arithmetic the
+# same whatever the blocks.
 # --------------------------------------------------------------------------
 def _dims(x):
     n, c = x.shape[0], x.shape[1]
     return n, c, x.size // (n * c)
 
 
-def _channel_sum(a2, c):
-    """(N, C*L) -> (C,) float64: sum over N, then over L."""
-    return a2.sum(axis=0).reshape(c, -1).sum(axis=1, dtype=numpy.float64)
+class _NCHW:
+    """x's memory seen as (N, C*L); channel block [c0, c1) is a column range."""
+
+    def __init__(self, x):
+        self.shape = x.shape
+        self.n, self.c, self.length = _dims(x)
+
+    def matrix(self, a):
+        xp = backend.get_array_module(a)
+        return xp.ascontiguousarray(a).reshape(self.n, self.c * self.length)  # (N, C*L)
+
+    def new(self, dtype, xp):
+        return xp.empty((self.n, self.c * self.length), dtype)
+
+    def block(self, a2, c0, c1):
+        return a2[:, c0 * self.length:c1 * self.length]
+
+    def sum(self, b):
+        """(N, cb*L) -> (cb,) float64: sum over N, then over L."""
+        return b.sum(axis=0).reshape(-1, self.length).sum(axis=1, dtype=numpy.float64)
+
+    def dot(self, a, b):
+        """sum of a * b per channel, (cb,) float64, without an a * b temporary."""
+        xp = backend.get_array_module(a)
+        return xp.einsum("nk,nk->k", a, b).reshape(-1, self.length).sum(axis=1,
+                                                                        dtype=numpy.float64)
+
+    def spread(self, v, dtype):
+        """(cb,) -> (cb*L,): the channel's value at every position of one sample."""
+        xp = backend.get_array_module(v)
+        return xp.repeat(v.astype(dtype, copy=False), self.length)
+
+    def array(self, a2):
+        return a2.reshape(self.shape)
 
 
-def _channel_dot(a2, b2, c):
-    """(N, C*L), (N, C*L) -> (C,) float64: sum of a * b without an a * b temporary."""
-    xp = backend.get_array_module(a2)
-    return xp.einsum("nk,nk->k", a2, b2).reshape(c, -1).sum(axis=1, dtype=numpy.float64)
+class _CNHW(_NCHW):
+    """CNHW memory seen as (C, N*L); channel block [c0, c1) is a row range.
+    Rows are reduced in pieces of ``images`` whole images (at least ~1024
+    values, or the whole row), each piece in x's dtype, the pieces in float64."""
+
+    PIECE = 1024
+
+    def __init__(self, x):
+        super().__init__(x)
+        self.m = self.n * self.length
+        self.images = next((j for j in range(1, self.n + 1)
+                            if self.n % j == 0 and j * self.length >= self.PIECE), self.n)
+
+    def matrix(self, a):
+        return cuda_device.stored(_in_cnhw(a), True).reshape(self.c, self.m)  # (C, N*L)
+
+    def new(self, dtype, xp):
+        return xp.empty((self.c, self.m), dtype)
+
+    def block(self, a2, c0, c1):
+        return a2[c0:c1]
+
+    def _pieces(self, b):
+        return b.reshape(b.shape[0], self.m // (self.images * self.length),
+                         self.images * self.length)   # (cb, pieces, values)
+
+    def sum(self, b):
+        return self._pieces(b).sum(axis=2).sum(axis=1, dtype=numpy.float64)
+
+    def dot(self, a, b):
+        xp = backend.get_array_module(a)
+        return xp.einsum("cjk,cjk->cj", self._pieces(a), self._pieces(b)).sum(
+            axis=1, dtype=numpy.float64)
+
+    def spread(self, v, dtype):
+        return v.astype(dtype, copy=False)[:, None]
+
+    def array(self, a2):
+        n, c = self.shape[:2]
+        return a2.reshape((c, n) + tuple(self.shape[2:])).transpose(1, 0, 2, 3)
 
 
-def _per_element(v, length, dtype):
-    """(C,) -> (C*L,): the channel's value at every position of one sample."""
-    xp = backend.get_array_module(v)
-    return xp.repeat(v.astype(dtype, copy=False), length)
+def _in_cnhw(a):
+    """a (N, C, H, W) in CNHW memory: itself, or a copy."""
+    xp = backend.get_array_module(a)
+    return a if cuda_device.is_cnhw(a) else xp.ascontiguousarray(
+        a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
 
 
-def _affine_fast(d, gamma, beta, invstd, length, out=None):
-    """(N, C*L) d = x - mean -> y before the ReLU, d * (gamma * invstd) + beta
-    in d's dtype (into ``out``: d itself in the forward). Backward recomputes
-    the mask with it from the same arrays, so the mask is the forward's."""
+def _layout(x):
+    return _CNHW(x) if cuda_device.is_cnhw(x) else _NCHW(x)
+
+
+def _affine_fast(lay, d, gamma, beta, invstd, out=None):
+    """d = x - mean (a block of ``lay``'s matrix) -> y before the ReLU,
+    d * (gamma * invstd) + beta in d's dtype (into ``out``: d itself in the
+    forward). Backward recomputes the mask with it from the same arrays, so
+    the mask is the forward's."""
     xp = backend.get_array_module(d)
     dtype = d.dtype
     k = gamma.astype(dtype, copy=False) * invstd.astype(dtype, copy=False)
-    y = xp.multiply(d, _per_element(k, length, dtype), out=out)
-    y += _per_element(beta, length, dtype)
+    y = xp.multiply(d, lay.spread(k, dtype), out=out)
+    y += lay.spread(beta, dtype)
     return y
 
 
-def _masked(gy2, d, gamma, beta, invstd, length, relu):
+def _masked(lay, gy2, d, gamma, beta, invstd, relu):
     """The gradient that reaches the affine output: ReLU passed it where y > 0."""
     if not relu:
         return gy2
-    y = _affine_fast(d, gamma, beta, invstd, length)
+    y = _affine_fast(lay, d, gamma, beta, invstd)
     return backend.get_array_module(y).multiply(gy2, y > 0, out=y)  # into y's memory
 
 
@@ -299,67 +380,66 @@ def _channel_blocks(fn, c, per_channel):
 
 def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, momentum):
     xp = backend.get_array_module(x)
-    n, c, length = _dims(x)
-    m = n * length
-    x2 = xp.ascontiguousarray(x).reshape(n, c * length)  # (N, C*L)
-    y2 = xp.empty_like(x2)
+    lay = _layout(x)
+    c, m = lay.c, lay.n * lay.length
+    x2 = lay.matrix(x)
+    y2 = lay.new(x.dtype, xp)
     mean, var, invstd = (xp.empty(c, x.dtype) for _ in range(3))
 
     def channels(c0, c1):
-        cols = slice(c0 * length, c1 * length)
-        mu = _channel_sum(x2[:, cols], c1 - c0) / m
+        xs = lay.block(x2, c0, c1)
+        mu = lay.sum(xs) / m
         # d = x - mean, in y's memory; becomes y in place
-        d = xp.subtract(x2[:, cols], _per_element(mu, length, x.dtype), out=y2[:, cols])
-        v = _channel_dot(d, d, c1 - c0) / m  # two-pass variance: sum (x - mean)^2
+        d = xp.subtract(xs, lay.spread(mu, x.dtype), out=lay.block(y2, c0, c1))
+        v = lay.dot(d, d) / m  # two-pass variance: sum (x - mean)^2
         # the statistics in x's dtype before invstd, as the kernels and the
         # reference compute them (float64 here would change every result in
         # its last bits, and with them a whole training run)
         mean[c0:c1], var[c0:c1] = mu, v
         invstd[c0:c1] = 1 / xp.sqrt(var[c0:c1] + eps)
-        _affine_fast(d, gamma[c0:c1], beta[c0:c1], invstd[c0:c1], length, out=d)
+        _affine_fast(lay, d, gamma[c0:c1], beta[c0:c1], invstd[c0:c1], out=d)
         if relu:
             xp.maximum(d, 0, out=d)
 
     _channel_blocks(channels, c, m)
     if running_mean is not None:
         update_running_reference(running_mean, running_var, mean, var, m, momentum)
-    return y2.reshape(x.shape), mean, invstd
+    return lay.array(y2), mean, invstd
 
 
 def _backward_fast(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None, gbeta_out=None,
                    y=None):
     xp = backend.get_array_module(gy)
-    n, c, length = _dims(x)
-    m = n * length
+    lay = _layout(x)
+    c, m = lay.c, lay.n * lay.length
     dtype = x.dtype
-    x2 = xp.ascontiguousarray(x).reshape(n, c * length)
-    gy2 = xp.ascontiguousarray(gy).reshape(n, c * length)
-    y2 = None if y is None or not relu else xp.ascontiguousarray(y).reshape(n, c * length)
-    gx2 = xp.empty_like(x2)
+    x2, gy2 = lay.matrix(x), lay.matrix(gy)
+    y2 = None if y is None or not relu else lay.matrix(y)
+    gx2 = lay.new(dtype, xp)
     ggamma, gbeta = xp.empty(c, numpy.float64), xp.empty(c, numpy.float64)
 
     def channels(c0, c1):
-        cols, cb = slice(c0 * length, c1 * length), c1 - c0
-        d = xp.subtract(x2[:, cols], _per_element(mean[c0:c1], length, dtype),
-                        out=gx2[:, cols])  # x - mean, in gx's memory; becomes gx in place
+        d = xp.subtract(lay.block(x2, c0, c1), lay.spread(mean[c0:c1], dtype),
+                        out=lay.block(gx2, c0, c1))  # x - mean, in gx's memory; becomes gx
+        gys = lay.block(gy2, c0, c1)
         if y2 is not None:  # the forward's y: y > 0 is the mask it applied
-            g = xp.multiply(gy2[:, cols], y2[:, cols] > 0)
+            g = xp.multiply(gys, lay.block(y2, c0, c1) > 0)
         else:
-            g = _masked(gy2[:, cols], d, gamma[c0:c1], beta[c0:c1], invstd[c0:c1], length, relu)
-        gb = _channel_sum(g, cb)
+            g = _masked(lay, gys, d, gamma[c0:c1], beta[c0:c1], invstd[c0:c1], relu)
+        gb = lay.sum(g)
         inv = invstd[c0:c1].astype(numpy.float64)
-        gg = _channel_dot(g, d, cb) * inv  # sum g * xhat, centred: no cancellation
+        gg = lay.dot(g, d) * inv  # sum g * xhat, centred: no cancellation
         # gx = k * (g - gbeta / M - xhat * ggamma / M),  k = gamma * invstd,
         # built in place in d: d * (-invstd * ggamma / M) - gbeta / M + g, times k.
         k = gamma[c0:c1].astype(numpy.float64) * inv
-        d *= _per_element(-inv * gg / m, length, dtype)
-        d += _per_element(-gb / m, length, dtype)
+        d *= lay.spread(-inv * gg / m, dtype)
+        d += lay.spread(-gb / m, dtype)
         d += g
-        d *= _per_element(k, length, dtype)
+        d *= lay.spread(k, dtype)
         ggamma[c0:c1], gbeta[c0:c1] = gg, gb
 
     _channel_blocks(channels, c, m)
-    return gx2.reshape(x.shape), _into(ggamma_out, ggamma, dtype), _into(gbeta_out, gbeta, dtype)
+    return lay.array(gx2), _into(ggamma_out, ggamma, dtype), _into(gbeta_out, gbeta, dtype)
 
 
 def _running_invstd(running_var, eps):
@@ -369,23 +449,23 @@ def _running_invstd(running_var, eps):
 
 def _infer_forward_fast(x, gamma, beta, running_mean, running_var, eps, relu):
     xp = backend.get_array_module(x)
-    n, c, length = _dims(x)
-    d = x.reshape(n, c * length) - _per_element(running_mean, length, x.dtype)  # (N, C*L)
-    y = _affine_fast(d, gamma, beta, _running_invstd(running_var, eps), length, out=d)
+    lay = _layout(x)
+    d = lay.matrix(x) - lay.spread(running_mean, x.dtype)  # x - mean, a new array
+    y = _affine_fast(lay, d, gamma, beta, _running_invstd(running_var, eps), out=d)
     if relu:
         xp.maximum(y, 0, out=y)
-    return y.reshape(x.shape)
+    return lay.array(y)
 
 
 def _infer_backward_fast(gy, x, gamma, beta, running_mean, running_var, eps, relu,
                          ggamma_out=None, gbeta_out=None):
     xp = backend.get_array_module(x)
-    n, c, length = _dims(x)
+    lay = _layout(x)
     dtype = x.dtype
     invstd = _running_invstd(running_var, eps)
-    d = x.reshape(n, c * length) - _per_element(running_mean, length, dtype)  # (N, C*L)
-    g = _masked(gy.reshape(n, c * length), d, gamma, beta, invstd, length, relu)
-    ggamma = _channel_dot(g, d, c) * invstd
-    gbeta = _channel_sum(g, c)
-    d = xp.multiply(g, _per_element(gamma * invstd, length, dtype), out=d)  # reuse the buffer
-    return d.reshape(x.shape), _into(ggamma_out, ggamma, dtype), _into(gbeta_out, gbeta, dtype)
+    d = lay.matrix(x) - lay.spread(running_mean, dtype)  # x - mean, a new array
+    g = _masked(lay, lay.matrix(gy), d, gamma, beta, invstd, relu)
+    ggamma = lay.dot(g, d) * invstd
+    gbeta = lay.sum(g)
+    d = xp.multiply(g, lay.spread(gamma * invstd, dtype), out=d)  # reuse the buffer
+    return lay.array(d), _into(ggamma_out, ggamma, dtype), _into(gbeta_out, gbeta, dtype)

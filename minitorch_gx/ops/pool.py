@@ -104,10 +104,9 @@ class AdaptiveAvgPool2d(Function):
     def forward(self, x):
         n, c, h, w = x.shape
         p, q = self.output_size
-        self.x_shape = x.shape
+        self.x_shape, self.cnhw = x.shape, _is_cnhw(x)
         self.kernel = (p, q) == (1, 1) and backend.use_kernels(backend.get_array_module(x))
         if self.kernel:  # the global pool: one launch (kernels/avg_pool.cu), any layout
-            self.cnhw = _is_cnhw(x)
             return cuda_pool.global_avg_pool_forward(x)
         # The windows tile the input exactly: (N, C, H, W) -> (N, C, P, kh, Q, kw)
         y = x.reshape(n, c, p, h // p, q, w // q).mean(axis=(3, 5))
@@ -120,8 +119,13 @@ class AdaptiveAvgPool2d(Function):
         n, c, h, w = self.x_shape
         p, q = self.output_size
         kh, kw = h // p, w // q
+        scale = gy.dtype.type(1.0 / (kh * kw))
+        if self.cnhw:  # gx in the forward input's layout
+            gx = xp.empty((c, n, p, kh, q, kw), gy.dtype)
+            gx[...] = gy.transpose(1, 0, 2, 3).reshape(c, n, p, 1, q, 1) * scale  # spread evenly
+            return (gx.reshape(c, n, h, w).transpose(1, 0, 2, 3),)
         gx = xp.empty((n, c, p, kh, q, kw), gy.dtype)
-        gx[...] = gy.reshape(n, c, p, 1, q, 1) * gy.dtype.type(1.0 / (kh * kw))  # spread evenly
+        gx[...] = gy.reshape(n, c, p, 1, q, 1) * scale  # spread evenly
         return (gx.reshape(self.x_shape),)
 
 
@@ -212,9 +216,12 @@ def _pair(v, name):
 
 
 class _Plan:
-    """The geometry of one pooling call and where each tap lives (see above)."""
+    """The geometry of one pooling call and where each tap lives (see above).
+    Phases, outputs and gradients keep the input's memory layout: planes in
+    (N, C) order for NCHW, in (C, N) order for CNHW (the NumPy path's
+    activations); the flat shifts stay within a plane either way."""
 
-    def __init__(self, shape, kernel_size, stride, padding):
+    def __init__(self, shape, kernel_size, stride, padding, cnhw=False):
         if len(shape) != 4:
             raise ValueError(f"pooling expects (N, C, H, W) input, got shape {tuple(shape)}")
         k = _pair(kernel_size, "kernel_size")
@@ -230,7 +237,7 @@ class _Plan:
         if h + 2 * p[0] < k[0] or w + 2 * p[1] < k[1]:
             raise ValueError(f"kernel_size {k} is larger than the padded input "
                              f"{h + 2 * p[0]}x{w + 2 * p[1]}")
-        self.shape, self.k, self.s, self.p = tuple(shape), k, s, p
+        self.shape, self.k, self.s, self.p, self.cnhw = tuple(shape), k, s, p, cnhw
         self.out = ((h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1)
         self.hs = (k[0] - 1) // s[0] + self.out[0]
         self.ws = (k[1] - 1) // s[1] + self.out[1]
@@ -241,6 +248,13 @@ class _Plan:
         self.col_taps = [(j % s[1], j // s[1]) for j in range(k[1])]
         self.row_taps = [(i % s[0], i // s[0] * self.ws) for i in range(k[0])]
         self.phases = sorted({(a, b) for a, _ in self.row_taps for b, _ in self.col_taps})
+
+    def planes(self, xp, dtype, h, w, zeros=False):
+        """A new (N, C, h, w) array in the input's layout: (memory, logical view)."""
+        n, c = self.shape[:2]
+        memory = (xp.zeros if zeros else xp.empty)((c, n, h, w) if self.cnhw else (n, c, h, w),
+                                                   dtype)
+        return memory, memory.transpose(1, 0, 2, 3) if self.cnhw else memory
 
     def span(self, axis, phase):
         """Phase elements [u0, u1) along ``axis`` (0: H, 1: W) hold input
@@ -254,11 +268,10 @@ class _Plan:
     def split(self, x, value):
         """Space-to-depth: {(a, b): flat phase (Hs*Ws*N*C,)}, padding = value."""
         xp = backend.get_array_module(x)
-        n, c = self.shape[:2]
         phases = {}
         for a, b in self.phases:
             (u0, u1, h0), (v0, v1, w0) = self.span(0, a), self.span(1, b)
-            t = xp.empty((n, c, self.hs, self.ws), x.dtype)
+            memory, t = self.planes(xp, x.dtype, self.hs, self.ws)
             t[:, :, :u0] = value  # the padding and the unused rows/columns
             t[:, :, u1:] = value
             t[:, :, u0:u1, :v0] = value
@@ -266,38 +279,44 @@ class _Plan:
             if u1 > u0 and v1 > v0:
                 t[:, :, u0:u1, v0:v1] = x[:, :, h0:h0 + self.s[0] * (u1 - u0 - 1) + 1:self.s[0],
                                           w0:w0 + self.s[1] * (v1 - v0 - 1) + 1:self.s[1]]
-            phases[a, b] = t.reshape(-1)
+            phases[a, b] = memory.reshape(-1)
         return phases
 
     def merge(self, phases):
         """Depth-to-space for gradients: sum the phases back into (N, C, H, W)."""
         xp = backend.get_array_module(next(iter(phases.values())))
-        n, c = self.shape[:2]
         # zeros: with stride > kernel some pixels lie in no window
-        gx = xp.zeros(self.shape, next(iter(phases.values())).dtype)
+        _, gx = self.planes(xp, next(iter(phases.values())).dtype, *self.shape[2:], zeros=True)
         for (a, b), t in phases.items():
             (u0, u1, h0), (v0, v1, w0) = self.span(0, a), self.span(1, b)
             if u1 > u0 and v1 > v0:
                 gx[:, :, h0:h0 + self.s[0] * (u1 - u0 - 1) + 1:self.s[0],
                    w0:w0 + self.s[1] * (v1 - v0 - 1) + 1:self.s[1]] = \
-                    t.reshape(n, c, self.hs, self.ws)[:, :, u0:u1, v0:v1]
+                    self.logical(t, self.hs, self.ws)[:, :, u0:u1, v0:v1]
         return gx
+
+    def logical(self, flat, h, w):
+        """A flat array of planes in the input's layout as (N, C, h, w)."""
+        n, c = self.shape[:2]
+        if self.cnhw:
+            return flat.reshape(c, n, h, w).transpose(1, 0, 2, 3)
+        return flat.reshape(n, c, h, w)
 
     def crop(self, y):
         """Flat output (n_out,) -> (N, C, P, Q), dropping the junk positions."""
         xp = backend.get_array_module(y)
         full = xp.empty(self.size, y.dtype)
         full[:self.n_out] = y
-        n, c = self.shape[:2]
-        return full.reshape(n, c, self.hs, self.ws)[:, :, :self.out[0], :self.out[1]].copy()
+        _, out = self.planes(xp, y.dtype, *self.out)
+        out[...] = self.logical(full, self.hs, self.ws)[:, :, :self.out[0], :self.out[1]]
+        return out
 
     def uncrop(self, gy):
         """(N, C, P, Q) -> flat (n_out,), zero at the junk positions."""
         xp = backend.get_array_module(gy)
-        n, c = self.shape[:2]
-        full = xp.zeros((n, c, self.hs, self.ws), gy.dtype)
+        memory, full = self.planes(xp, gy.dtype, self.hs, self.ws, zeros=True)
         full[:, :, :self.out[0], :self.out[1]] = gy
-        return full.reshape(-1)[:self.n_out]
+        return memory.reshape(-1)[:self.n_out]
 
 
 def _max_over_taps(views):
@@ -315,7 +334,7 @@ def _max_over_taps(views):
 
 
 def _max_pool2d_forward_fast(x, kernel_size, stride, padding):
-    plan = _Plan(x.shape, kernel_size, stride, padding)
+    plan = _Plan(x.shape, kernel_size, stride, padding, _is_cnhw(x))
     phases = plan.split(x, -numpy.inf)  # padding never wins a max
     n1, n2 = plan.n_rows, plan.n_out
     rowmax, col_arg = {}, {}
@@ -345,7 +364,7 @@ def _max_pool2d_backward_fast(gy, saved, x_shape, kernel_size, stride, padding):
 
 
 def _avg_pool2d_forward_fast(x, kernel_size, stride, padding):
-    plan = _Plan(x.shape, kernel_size, stride, padding)
+    plan = _Plan(x.shape, kernel_size, stride, padding, _is_cnhw(x))
     phases = plan.split(x, 0)
     n1, n2 = plan.n_rows, plan.n_out
     rowsum = {}

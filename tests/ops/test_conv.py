@@ -539,6 +539,82 @@ def test_cnhw_inputs_give_the_nchw_results_in_cnhw_memory(impl, case):
         assert_close(a, b, 1e-5, scaled(b, 1e-5), f"{impl} {case} {name} CNHW vs NCHW")
 
 
+FAST_CNHW_CASES = CONV_CASES + [(2, 8, 6, 5, 12, 1, 1, 1, 1, 0),  # 1x1: one GEMM
+                                 (3, 8, 7, 6, 12, 1, 1, 1, 2, 0),  # 1x1 stride 2
+                                 (4, 64, 2, 2, 32, 1, 1, 1, 1, 0)]  # a thin 1x1 (layer4's maps)
+
+
+@pytest.mark.parametrize("case", FAST_CNHW_CASES, ids=_case_id)
+def test_the_fast_path_keeps_cnhw_memory_and_gives_the_nchw_results(case):
+    """The NumPy path's activations are CNHW (``normalize`` writes it): every
+    direction of every geometry gives the reference's NCHW values, in CNHW
+    memory, and an NCHW input still gives NCHW output."""
+    x, W, gy, _ = _conv_data(case, numpy.float64, 5)
+    g, stride, padding = case[5], case[8], case[9]
+    expected = (conv.conv2d_forward_reference(x, W, stride, padding, g),
+                conv.conv2d_backward_data_reference(gy, W, x.shape, stride, padding, g),
+                conv.conv2d_backward_weight_reference(gy, x, W.shape, stride, padding, g))
+    for layout in (numpy.array, lambda a: cnhw(a, numpy.array)):
+        got = (conv.conv2d_forward(layout(x), W, stride, padding, g),
+               conv.conv2d_backward_data(layout(gy), W, x.shape, stride, padding, g),
+               conv.conv2d_backward_weight(layout(gy), layout(x), W.shape, stride, padding, g))
+        for a in got[:2]:
+            if x.shape[0] > 1 and a.shape[1] > 1:  # (else both layouts are the same memory)
+                assert cuda_device.is_cnhw(a) == cuda_device.is_cnhw(layout(x)), case
+        for a, b, name in zip(got, expected, ("forward", "backward data", "backward weight")):
+            assert_close(a, b, 1e-10, scaled(b, 1e-12), f"fast {case} {name}")
+    # gy in the other layout than x: brought to x's
+    gW = conv.conv2d_backward_weight(gy, cnhw(x, numpy.array), W.shape, stride, padding, g)
+    assert_close(gW, expected[2], 1e-10, scaled(expected[2], 1e-12), f"fast {case} mixed gW")
+
+
+@pytest.mark.parametrize("fold_bytes", [1, 20000, conv.FOLD_BYTES])
+@pytest.mark.parametrize("case", [(3, 16, 7, 6, 16, 2, 3, 3, 1, 1),    # 8 per group
+                                  (5, 64, 9, 9, 64, 8, 3, 3, 2, 1),    # stride 2
+                                  (2, 24, 6, 5, 48, 3, 3, 2, (2, 1), (1, 0))], ids=_case_id)
+def test_the_folded_grouped_conv_equals_the_reference_in_every_blocking(monkeypatch, case,
+                                                                       fold_bytes):
+    """CNHW grouped convolutions with >= 8 outputs per group run as one GEMM
+    per group over the batch; the blocks of groups and images (one group and
+    one image each at fold_bytes=1) change nothing but the order of work."""
+    monkeypatch.setattr(conv, "FOLD_BYTES", fold_bytes)
+    x, W, gy, _ = _conv_data(case, numpy.float64, 6)
+    g, stride, padding = case[5], case[8], case[9]
+    geometry = conv._Geometry(x.shape, W.shape, stride, padding, g)
+    assert conv._folds(cnhw(x, numpy.array), geometry)
+    got = (conv._forward_fast(cnhw(x, numpy.array), W, stride, padding, g),
+           conv._backward_data_fast(cnhw(gy, numpy.array), W, x.shape, stride, padding, g),
+           conv._backward_weight_fast(cnhw(gy, numpy.array), cnhw(x, numpy.array), W.shape,
+                                      stride, padding, g))
+    expected = (naive_conv2d(x, W, None, _pair(stride), _pair(padding), g),
+                conv.conv2d_backward_data_reference(gy, W, x.shape, stride, padding, g),
+                conv.conv2d_backward_weight_reference(gy, x, W.shape, stride, padding, g))
+    assert cuda_device.is_cnhw(got[0]) and cuda_device.is_cnhw(got[1])
+    for a, b, name in zip(got, expected, ("forward", "backward data", "backward weight")):
+        assert_close(a, b, 1e-10, scaled(b, 1e-12), f"folded {case} {name}")
+
+
+def test_a_1x1_conv_on_cnhw_memory_reads_x_in_place_on_the_numpy_path():
+    """One GEMM over the batch reading x's own memory: y's memory is the
+    GEMM's output, x is never copied (a copy would show as a new base)."""
+    rng = numpy.random.default_rng(2)
+    x = cnhw(rng.standard_normal((4, 8, 6, 5)), numpy.array)
+    W = rng.standard_normal((12, 8, 1, 1))
+    g = conv._Geometry(x.shape, W.shape, 1, 0, 1)
+    matrix = conv._channel_matrix(x, 1)
+    assert numpy.shares_memory(matrix, x) and matrix.shape == (1, 8, 4 * 30)
+    y = conv._pointwise_forward(x, W, g)
+    assert cuda_device.is_cnhw(y) and y.base is not None and y.base.shape == (1, 12, 4 * 30)
+
+
+def test_writes_through_a_view_never_land_in_a_copy():
+    a = numpy.zeros((2, 3, 4, 5)).transpose(1, 0, 2, 3)  # CNHW memory
+    conv._view_as(a, (3, 2, 20))[0, 0, 0] = 1  # merging (H, W): a view
+    assert a[0, 0, 0, 0] == 1
+    with pytest.raises(AttributeError):
+        conv._view_as(a, (3, 40))  # merging (N, H, W) of this memory needs a copy
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", [CONV_CASES[2], CNHW_CASES[-2]], ids=_case_id)
 def test_the_weight_gradient_accumulates_into_the_array_it_is_given(impl, case):

@@ -813,11 +813,12 @@ def test_bad_arguments_raise():
         batch_norm(np.zeros((2, 3, 2, 2)), None, None, mt.Tensor(np.ones(4)), None, training=True)
 
 
-@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", ["fast"] + KERNEL_IMPLEMENTATIONS)
 @pytest.mark.parametrize("relu", [False, True])
 def test_cnhw_memory_is_normalised_as_it_is_and_keeps_its_layout(impl, relu):
-    """The GPU path's CNHW activations: the same results as NCHW (to rounding:
-    the statistics are chunked differently), outputs in CNHW memory, no copy."""
+    """The CNHW activations of the GPU and the NumPy paths: the same results as
+    NCHW (to rounding: the statistics are summed in another order), outputs
+    and gradients in CNHW memory, in training and in eval mode."""
     rng = np.random.default_rng(11)
     x = rng.standard_normal((3, 6, 5, 7)).astype(np.float32)
     gy = rng.standard_normal(x.shape).astype(np.float32)
@@ -828,18 +829,48 @@ def test_cnhw_memory_is_normalised_as_it_is_and_keeps_its_layout(impl, relu):
         results = []
         for layout in (dev, cnhw):
             rm, rv = dev(np.zeros(6, np.float32)), dev(np.ones(6, np.float32))
-            y, mean, invstd = cuda_norm.batch_norm_train_forward(layout(x), dev(gamma), dev(beta),
-                                                                 1e-5, relu, rm, rv, 0.1)
-            gx, gg, gb = cuda_norm.batch_norm_backward(layout(gy), layout(x), dev(gamma),
-                                                       dev(beta), mean, invstd, relu)
-            yi = cuda_norm.batch_norm_infer_forward(layout(x), dev(gamma), dev(beta), rm, rv,
-                                                    1e-5, relu)
-            results.append([y, gx, yi, mean, invstd, gg, gb, rm, rv])
-        for a in results[1][:3]:
+            y, mean, invstd = norm.batch_norm_train_forward(layout(x), dev(gamma), dev(beta),
+                                                            1e-5, relu, rm, rv, 0.1)
+            gx, gg, gb = norm.batch_norm_backward(layout(gy), layout(x), dev(gamma),
+                                                  dev(beta), mean, invstd, relu)
+            yi = norm.batch_norm_infer_forward(layout(x), dev(gamma), dev(beta), rm, rv,
+                                               1e-5, relu)
+            gxi, ggi, gbi = norm.batch_norm_infer_backward(layout(gy), layout(x), dev(gamma),
+                                                           dev(beta), rm, rv, 1e-5, relu)
+            results.append([y, gx, yi, gxi, mean, invstd, gg, gb, ggi, gbi, rm, rv])
+        for a in results[1][:4]:
             assert cuda_device.is_cnhw(a)
-    for name, a, b in zip("y gx y_infer mean invstd ggamma gbeta running_mean running_var".split(),
+    names = "y gx y_infer gx_infer mean invstd ggamma gbeta ggamma_infer gbeta_infer " \
+            "running_mean running_var"
+    for name, a, b in zip(names.split(),
                           *results):
         assert_close(a, b, 1e-5, 1e-5, f"{impl} CNHW vs NCHW {name}")
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 16, 16), (6, 4, 1, 1), (2, 5, 33, 32)])
+def test_the_fast_path_on_cnhw_memory_equals_the_float64_reference(shape):
+    """CNHW rows reduced in pieces of whole images (8 images of 16x16: two
+    pieces of 4; 1x1 maps: one piece; 33x32: one image per piece)."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal(shape) * 3 + 5)  # a mean far from 0: cancellation would show
+    gy = rng.standard_normal(shape)
+    gamma, beta = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
+    x_cnhw = np.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    gy_cnhw = np.ascontiguousarray(gy.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    for relu in (False, True):
+        y_ref, mean_ref, invstd_ref = norm.batch_norm_train_forward_reference(
+            x, gamma, beta, 1e-5, relu)
+        y, mean, invstd = norm._train_forward_fast(x_cnhw, gamma, beta, 1e-5, relu, None, None,
+                                                   0.1)
+        assert cuda_device.is_cnhw(y)
+        expected = norm.batch_norm_backward_reference(gy, x, gamma, beta, mean_ref, invstd_ref,
+                                                      relu)
+        got = norm._backward_fast(gy_cnhw, x_cnhw, gamma, beta, mean, invstd, relu, y=y)
+        assert cuda_device.is_cnhw(got[0])
+        for name, a, b in zip(("y", "mean", "invstd", "gx", "ggamma", "gbeta"),
+                              (y, mean, invstd) + tuple(got),
+                              (y_ref, mean_ref, invstd_ref) + tuple(expected)):
+            assert_close(a, b, 1e-10, 1e-10, f"CNHW fast {shape} relu={relu} {name}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -456,3 +456,24 @@ def test_max_pool_on_cnhw_memory_keeps_the_layout_and_the_values(impl):
         assert cuda_device.is_cnhw(y) and cuda_device.is_cnhw(argmax) and cuda_device.is_cnhw(gx)
     assert np.array_equal(host(y), host(y_ref)) and np.array_equal(host(argmax), host(argmax_ref))
     assert np.array_equal(host(gx), host(gx_ref))
+
+
+@pytest.mark.parametrize("op", [lambda x: max_pool2d(x, 3, 2, 1), lambda x: avg_pool2d(x, 3, 2, 1),
+                                lambda x: avg_pool2d(x, 2), lambda x: adaptive_avg_pool2d(x, 1),
+                                lambda x: adaptive_avg_pool2d(x, (3, 2))],
+                         ids=["max 3x3/2", "avg 3x3/2", "avg 2x2", "global", "adaptive 3x2"])
+def test_the_fast_path_pools_cnhw_memory_as_it_is(op):
+    """The NumPy path's CNHW activations: the NCHW results to the bit, the
+    output and the input's gradient in CNHW memory too."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 5, 9, 8)).astype(np.float32)
+    results = []
+    for data in (x, np.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)):
+        y = op(mt.Tensor(data, requires_grad=True))
+        gy = rng.standard_normal(y.shape).astype(np.float32) if not results else results[0][2]
+        gx, = y.creator.backward(gy)  # (a leaf's own .grad is always a C-contiguous copy)
+        results.append((y.data, gx, gy))
+    (y0, g0, _), (y1, g1, _) = results
+    assert cuda_device.is_cnhw(g1)
+    assert cuda_device.is_cnhw(y1) or y1.shape[2:] == (1, 1)
+    assert np.array_equal(y1, y0) and np.array_equal(g1, g0)
