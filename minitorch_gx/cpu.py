@@ -147,8 +147,11 @@ def flat_memory(*arrays):
 
 
 # Element-wise passes go over each block in pieces of this many elements, so
-# that a piece written by one ufunc is still in cache for the next.
-PIECE_ELEMENTS = 1 << 16
+# that a piece written by one ufunc is still in cache for the next (1 MiB
+# per float32 array: the SGD update's four arrays stay in the L3 cache; with
+# 64Ki-element pieces it took 26.5 ms instead of 22.0 for 25M parameters here,
+# the extra ufunc calls costing more than the L2 saves).
+PIECE_ELEMENTS = 1 << 18
 
 
 def elementwise(passes, *flat):

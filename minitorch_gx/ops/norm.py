@@ -371,11 +371,26 @@ def _masked(lay, gy2, d, gamma, beta, invstd, relu):
     return backend.get_array_module(y).multiply(gy2, y > 0, out=y)  # into y's memory
 
 
-def _channel_blocks(fn, c, per_channel):
+# CNHW channels are passed over a few at a time, as many as fit in about
+# this many bytes, so that a block written by one pass is still in cache for
+# the next (the NCHW view's blocks are strided columns of N rows: too costly
+# to cut further).
+PIECE_BYTES = 4 << 20
+
+
+def _channel_blocks(fn, lay, itemsize):
     """fn(c0, c1) for fixed blocks of channels, split over the NumPy path's
-    threads (``minitorch_gx.cpu``); every channel's arithmetic is the same
-    whatever the blocks, so the result does not depend on the thread count."""
-    cpu.run_blocks(fn, c, min_rows=-(-cpu.MIN_BLOCK_ELEMENTS // per_channel))
+    threads (``minitorch_gx.cpu``), CNHW blocks cut into pieces of
+    PIECE_BYTES; every channel's arithmetic is the same whatever the blocks,
+    so the result does not depend on the thread count or the pieces."""
+    per_channel = lay.n * lay.length
+    piece = max(1, PIECE_BYTES // (per_channel * itemsize)) if isinstance(lay, _CNHW) else lay.c
+
+    def block(c0, c1):
+        for a in range(c0, c1, piece):
+            fn(a, min(a + piece, c1))
+
+    cpu.run_blocks(block, lay.c, min_rows=-(-cpu.MIN_BLOCK_ELEMENTS // per_channel))
 
 
 def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, momentum):
@@ -401,7 +416,7 @@ def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, mo
         if relu:
             xp.maximum(d, 0, out=d)
 
-    _channel_blocks(channels, c, m)
+    _channel_blocks(channels, lay, x.dtype.itemsize)
     if running_mean is not None:
         update_running_reference(running_mean, running_var, mean, var, m, momentum)
     return lay.array(y2), mean, invstd
@@ -438,7 +453,7 @@ def _backward_fast(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None, gbet
         d *= lay.spread(k, dtype)
         ggamma[c0:c1], gbeta[c0:c1] = gg, gb
 
-    _channel_blocks(channels, c, m)
+    _channel_blocks(channels, lay, x.dtype.itemsize)
     return lay.array(gx2), _into(ggamma_out, ggamma, dtype), _into(gbeta_out, gbeta, dtype)
 
 
