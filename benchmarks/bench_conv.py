@@ -2,6 +2,7 @@
 
     python benchmarks/bench_conv.py                    # batch 16, 224x224, with torch if present
     python benchmarks/bench_conv.py --batch 4 --only grouped --no-torch
+    python benchmarks/bench_conv.py --batch 32 --size 64 --fold never   # MEC for every grouped conv
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_conv.py --cpu-time   # on a busy machine
 
 For each shape: forward, backward-data and backward-weight in ms (best of
@@ -12,7 +13,10 @@ importable, torch's conv2d forward + backward on the same shapes is timed in
 the same rounds, right after ours (with a pause so the two thread pools do not
 fight), and the ratio printed. On a machine shared with other jobs wall time
 says little; --cpu-time measures this process's CPU time on one thread (both
-libraries), which other jobs barely disturb.
+libraries), which other jobs barely disturb. Inputs are in CNHW memory, as
+train.py's activations are (``--layout nchw`` for the other); ``--fold``
+overrides which convolutions run as one im2col GEMM per group over the batch
+(``minitorch_gx/ops/conv.py``: auto is its rule).
 """
 import argparse
 import os
@@ -59,14 +63,19 @@ def ms(fn):
     return 1e3 * (clock() - t)
 
 
-def time_ours(shape, N, dtype):
+def cnhw(a):
+    """(N, C, H, W) a in C-contiguous (C, N, H, W) memory."""
+    return numpy.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+
+
+def time_ours(shape, N, dtype, layout):
     """One timing of (fwd, bwd_data, bwd_weight) in ms and the forward MACs."""
     name, count, C, K, k, stride, pad, groups, hw = shape
     rng = numpy.random.default_rng(0)
-    x = rng.standard_normal((N, C, hw, hw), dtype=numpy.float32).astype(dtype)
+    x = layout(rng.standard_normal((N, C, hw, hw), dtype=numpy.float32).astype(dtype))
     W = rng.standard_normal((K, C // groups, k, k), dtype=numpy.float32).astype(dtype)
     y = ops_conv.conv2d_forward(x, W, stride, pad, groups)
-    gy = rng.standard_normal(y.shape, dtype=numpy.float32).astype(dtype)
+    gy = layout(rng.standard_normal(y.shape, dtype=numpy.float32).astype(dtype))
     args = (stride, pad, groups)
     fwd = ms(lambda: ops_conv.conv2d_forward(x, W, *args))
     bwd_data = 0.0 if C == 3 else ms(
@@ -99,6 +108,9 @@ def main():
     parser.add_argument("--float64", action="store_true")
     parser.add_argument("--only", choices=["stem", "pointwise", "grouped"])
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--layout", choices=["cnhw", "nchw"], default="cnhw")
+    parser.add_argument("--fold", choices=["auto", "always", "never"], default="auto",
+                        help="always: every conv with >= 8 outputs per group folded; never: none")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time CPU, not wall clock; run with OPENBLAS_NUM_THREADS=1")
     args = parser.parse_args()
@@ -108,12 +120,18 @@ def main():
         if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
             print("warning: --cpu-time without OPENBLAS_NUM_THREADS=1 counts every BLAS thread")
     dtype = numpy.float64 if args.float64 else numpy.float32
+    layout = cnhw if args.layout == "cnhw" else numpy.ascontiguousarray
+    if args.fold == "always":
+        ops_conv.FOLD_MAX_PIXELS = 1 << 62
+    elif args.fold == "never":
+        ops_conv.FOLD_MIN_OUT_CHANNELS = 1 << 62
     shapes = resnext50_convs(args.size)
     kinds = {"stem": lambda s: s[2] == 3, "grouped": lambda s: s[7] > 1,
              "pointwise": lambda s: s[4] == 1}
     if args.only:
         shapes = [s for s in shapes if kinds[args.only](s)]
     print(f"batch {args.batch}, {args.size}x{args.size}, {numpy.dtype(dtype).name}, "
+          f"{args.layout.upper()} memory, fold {args.fold}, "
           f"{os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
 
@@ -131,7 +149,7 @@ def main():
     best, torch_best = {}, {}
     for _ in range(args.repeat + 1):
         for s in shapes:
-            times = time_ours(s, args.batch, dtype)
+            times = time_ours(s, args.batch, dtype, layout)
             best[s] = times if s not in best else tuple(map(min, best[s], times))
             if torch is not None:
                 time.sleep(0.1)  # one library's idle threads stop spinning before the other runs

@@ -83,6 +83,7 @@ def _step_outputs():
 def test_threads_never_change_a_result(monkeypatch):
     monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)  # split even these small arrays
     monkeypatch.setattr(conv, "FOLD_BYTES", 30000)  # blocks of groups and of images
+    monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 1 << 30)  # fold these 14x14 maps too
     results = {}
     for count in ("1", "2", "3"):
         monkeypatch.setenv("MINITORCH_GX_THREADS", count)

@@ -578,6 +578,7 @@ def test_the_folded_grouped_conv_equals_the_reference_in_every_blocking(monkeypa
     per group over the batch; the blocks of groups and images (one group and
     one image each at fold_bytes=1) change nothing but the order of work."""
     monkeypatch.setattr(conv, "FOLD_BYTES", fold_bytes)
+    monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 1 << 30)  # these maps are larger than 7x7
     x, W, gy, _ = _conv_data(case, numpy.float64, 6)
     g, stride, padding = case[5], case[8], case[9]
     geometry = conv._Geometry(x.shape, W.shape, stride, padding, g)
@@ -592,6 +593,19 @@ def test_the_folded_grouped_conv_equals_the_reference_in_every_blocking(monkeypa
     assert cuda_device.is_cnhw(got[0]) and cuda_device.is_cnhw(got[1])
     for a, b, name in zip(got, expected, ("forward", "backward data", "backward weight")):
         assert_close(a, b, 1e-10, scaled(b, 1e-12), f"folded {case} {name}")
+
+
+@pytest.mark.parametrize("x_shape, W_shape, groups, folds", [
+    ((2, 3, 64, 64), (64, 3, 7, 7), 1, True),         # the stem: one group
+    ((2, 512, 4, 4), (512, 16, 3, 3), 32, True),      # layer3 at 64x64: a 4x4 map
+    ((2, 1024, 7, 7), (1024, 32, 3, 3), 32, True),    # layer4 at 224x224
+    ((2, 256, 8, 8), (256, 8, 3, 3), 32, False),      # layer2 at 64x64: MEC
+    ((2, 128, 2, 2), (128, 4, 3, 3), 32, False)])     # 4 outputs per group: MEC
+def test_which_convolutions_run_folded(x_shape, W_shape, groups, folds):
+    g = conv._Geometry(x_shape, W_shape, 1, 1, groups)
+    x = numpy.zeros(x_shape, numpy.float32)
+    assert conv._folds(cnhw(x, numpy.array), g) == folds
+    assert not conv._folds(x, g)  # NCHW memory never folds
 
 
 def test_a_1x1_conv_on_cnhw_memory_reads_x_in_place_on_the_numpy_path():
