@@ -24,10 +24,9 @@ import statistics
 import sys
 import time
 
-import numpy
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minitorch_gx.ops import conv as ops_conv  # noqa: E402
+from minitorch_gx.ops import conv as ops_conv  # noqa: E402  (before NumPy: minitorch_gx/cpu.py)
+import numpy  # noqa: E402
 
 
 def resnext50_convs(size=224):

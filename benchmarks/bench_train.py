@@ -18,6 +18,9 @@ On the CPU, PyTorch runs twice: in its own process, as its users run it
 and in this process after ours, where it inherits the memory retention that
 ``import minitorch_gx`` sets (``minitorch_gx/cpu.py``), which speeds PyTorch
 up too. Both ratios are printed; the first is what users of each get.
+(``import minitorch_gx`` also sets OPENBLAS_THREAD_TIMEOUT when it comes
+before NumPy, as in train.py; PyTorch computes with MKL and oneDNN, which
+that setting does not touch.)
 """
 import argparse
 import os
@@ -25,11 +28,10 @@ import statistics
 import sys
 import time
 
-import numpy
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import minitorch_gx as mt  # noqa: E402
+import minitorch_gx as mt  # noqa: E402  (before NumPy, as train.py: see minitorch_gx/cpu.py)
+import numpy  # noqa: E402
 from minitorch_gx import backend  # noqa: E402
 from minitorch_gx.functional import cross_entropy  # noqa: E402
 from minitorch_gx.optim import SGD  # noqa: E402

@@ -12,8 +12,12 @@ its CPU emulator), ``nn`` (layers), ``optim``, ``distributed/``; ``cpu`` (how
 the NumPy path keeps its memory and splits work over the cores).
 """
 import os as _os
+import sys as _sys
 
-from . import cpu
+if "numpy" not in _sys.modules:  # (read when NumPy loads OpenBLAS: see minitorch_gx/cpu.py)
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from . import cpu  # noqa: E402
 
 if _os.environ.get("MINITORCH_GX_RETAIN_MEMORY", "1") != "0":
     cpu.retain_freed_memory()  # see minitorch_gx/cpu.py: no page faults after the first step

@@ -24,6 +24,26 @@ one block per thread (a block that asks for blocks itself runs them in
 place). The blocks depend only on n and the thread count, each
 writes only its own rows, and partial sums are combined in block order, so
 a result never depends on which thread ran first.
+
+BLAS. OpenBLAS has threads of its own, right for one large GEMM (a 1x1
+convolution over the batch). Inside a block of ``run_blocks`` the cores are
+already busy, and two blocks' GEMMs each fanned out over OpenBLAS's threads
+fought over them: the grouped convolutions of a batch-32 64x64 step took
+0.22 s so, 0.15 s with OpenBLAS on one thread (benchmarks/bench_conv.py
+--only grouped). So while blocks run, OpenBLAS runs each GEMM on the calling
+thread only (``openblas_set_num_threads``, found in the library NumPy
+loaded; with another BLAS nothing is changed), and gets its threads back
+when the blocks are done. A GEMM's result can depend on OpenBLAS's thread
+count (here a (32, 784) @ (784, 64) product does); every GEMM in a block
+runs on one BLAS thread, also when there is a single block, so results
+still do not depend on ``threads()`` (tested). And OpenBLAS's idle threads
+spin for about 2^28 cycles (~0.1 s) after each GEMM before they sleep, on
+the cores this module's threads need next: with OPENBLAS_THREAD_TIMEOUT=4
+(2^4 cycles) a batch-32 64x64 step took 826 and 952 ms against 926 and
+1043 ms (two pairs of runs). OpenBLAS reads it once, when NumPy loads it,
+so ``import minitorch_gx`` sets it only when NumPy is not imported yet
+(train.py, eval.py and the benchmarks import minitorch_gx first), and never
+over a value already in the environment.
 """
 import concurrent.futures
 import ctypes
@@ -110,18 +130,67 @@ def blocks(n, count=None):
 def run_blocks(fn, n, min_rows=1):
     """[fn(start, stop) for each block of ``blocks(n)``], the blocks run on
     the thread pool (the first on the calling thread); one block, run here,
-    when n < 2 * min_rows or there is one thread. Results in block order."""
+    when n < 2 * min_rows or there is one thread. Results in block order.
+    Every block's GEMMs run on one BLAS thread (see the module docstring)."""
     count = threads()
-    if count == 1 or n < 2 * min_rows or getattr(_inside, "pool", False):
-        return [fn(0, n)]  # (inside a block already: the threads are busy)
-    parts = blocks(n, min(count, n // min_rows))
-    pool = _executor(count)
-    futures = [pool.submit(_in_pool, fn, a, b) for a, b in parts[1:]]
-    first = _in_pool(fn, *parts[0])
-    return [first] + [f.result() for f in futures]
+    if getattr(_inside, "pool", False):
+        return [fn(0, n)]  # inside a block already: the threads are busy
+    with _OneBlasThread():  # a block's GEMMs on its own thread, however many blocks
+        if count == 1 or n < 2 * min_rows:
+            return [_in_pool(fn, 0, n)]
+        parts = blocks(n, min(count, n // min_rows))
+        pool = _executor(count)
+        futures = [pool.submit(_in_pool, fn, a, b) for a, b in parts[1:]]
+        first = _in_pool(fn, *parts[0])
+        return [first] + [f.result() for f in futures]
 
 
 _inside = threading.local()
+
+
+def _blas_threads_calls():
+    """(get, set) of the thread count of the OpenBLAS NumPy loaded, or None:
+    another BLAS, or no /proc to find it in."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps
+                            if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""),
+                               ("openblas", "64_"), ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, put
+    return None
+
+
+_blas_threads = _blas_threads_calls()
+
+
+class _OneBlasThread:
+    """Within: OpenBLAS runs each GEMM on the calling thread only. Entered by
+    the thread that hands out blocks, around all of them (the setting is
+    process-wide), and left once every block is done: so a GEMM in a block
+    runs on one BLAS thread whatever ``threads()`` is, and its bits with it."""
+
+    def __enter__(self):
+        self.previous = None
+        if _blas_threads is not None:
+            self.previous = _blas_threads[0]()
+            if self.previous > 1:
+                _blas_threads[1](1)
+
+    def __exit__(self, *exc):
+        if self.previous is not None and self.previous > 1:
+            _blas_threads[1](self.previous)
 
 
 def _in_pool(fn, start, stop):

@@ -174,3 +174,33 @@ def test_a_forked_child_gets_threads_of_its_own(monkeypatch):
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(cpu._blas_threads is None, reason="NumPy's BLAS is not an OpenBLAS found here")
+def test_gemms_in_blocks_run_on_one_blas_thread_whatever_the_thread_count(monkeypatch):
+    """A GEMM's bits can depend on OpenBLAS's thread count: the count inside
+    a block must not depend on threads(), and OpenBLAS gets its own back."""
+    get, put = cpu._blas_threads
+    put(2)
+    seen = []
+    for count in ("1", "2", "3"):
+        monkeypatch.setenv("MINITORCH_GX_THREADS", count)
+        cpu.run_blocks(lambda a, b: seen.append(get()), 1 << 20)
+        cpu.run_blocks(lambda a, b: seen.append(get()), 10)  # one block, run in place
+        assert get() == 2
+    assert seen and set(seen) == {1}
+
+
+@pytest.mark.parametrize("setup, expected", [
+    ("", "4"),                                   # minitorch_gx first: OpenBLAS's threads sleep
+    ("import os; os.environ['OPENBLAS_THREAD_TIMEOUT'] = '9'; ", "9"),  # the user's value stays
+    ("import numpy; ", None)])                   # too late once NumPy loaded OpenBLAS: untouched
+def test_importing_minitorch_gx_first_lets_openblas_threads_sleep(setup, expected):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    code = setup + "import minitorch_gx, os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()[-1]
+    assert out == str(expected)
