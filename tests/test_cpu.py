@@ -204,3 +204,14 @@ def test_importing_minitorch_gx_first_lets_openblas_threads_sleep(setup, expecte
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()[-1]
     assert out == str(expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_into_is_maximum_with_zero_to_the_bit(dtype):
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 7, 11)).astype(dtype)
+    a[0, 0, :4] = [np.nan, -0.0, np.inf, -np.inf]
+    expected = np.maximum(a, 0)
+    b = a.copy()
+    assert cpu.relu_into(b) is b
+    assert b.tobytes() == expected.tobytes()

@@ -124,7 +124,7 @@ def _add_relu_forward_fast(a, b):
     (``cpu.elementwise``): the sum is still in cache when the maximum reads it."""
     def passes(a, b, y):
         numpy.add(a, b, out=y)
-        numpy.maximum(y, 0, out=y)
+        cpu.relu_into(y)
     y = cpu.elementwise_new(passes, a, b)
     return y if y is not None else add_relu_forward_reference(a, b)
 

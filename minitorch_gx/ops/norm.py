@@ -414,7 +414,7 @@ def _train_forward_fast(x, gamma, beta, eps, relu, running_mean, running_var, mo
         invstd[c0:c1] = 1 / xp.sqrt(var[c0:c1] + eps)
         _affine_fast(lay, d, gamma[c0:c1], beta[c0:c1], invstd[c0:c1], out=d)
         if relu:
-            xp.maximum(d, 0, out=d)
+            cpu.relu_into(d)  # (a NumPy array: this is the NumPy path)
 
     _channel_blocks(channels, lay, x.dtype.itemsize)
     if running_mean is not None:
@@ -463,12 +463,11 @@ def _running_invstd(running_var, eps):
 
 
 def _infer_forward_fast(x, gamma, beta, running_mean, running_var, eps, relu):
-    xp = backend.get_array_module(x)
     lay = _layout(x)
     d = lay.matrix(x) - lay.spread(running_mean, x.dtype)  # x - mean, a new array
     y = _affine_fast(lay, d, gamma, beta, _running_invstd(running_var, eps), out=d)
     if relu:
-        xp.maximum(y, 0, out=y)
+        cpu.relu_into(y)
     return lay.array(y)
 
 
