@@ -596,7 +596,8 @@ def test_the_folded_grouped_conv_equals_the_reference_in_every_blocking(monkeypa
 
 
 @pytest.mark.parametrize("x_shape, W_shape, groups, folds", [
-    ((2, 3, 64, 64), (64, 3, 7, 7), 1, True),         # the stem: one group
+    ((2, 3, 64, 64), (64, 3, 7, 7), 1, False),        # the stem: MEC
+    ((2, 16, 4, 4), (32, 16, 3, 3), 1, True),         # one group, a small map
     ((2, 512, 4, 4), (512, 16, 3, 3), 32, True),      # layer3 at 64x64: a 4x4 map
     ((2, 1024, 7, 7), (1024, 32, 3, 3), 32, True),    # layer4 at 224x224
     ((2, 256, 8, 8), (256, 8, 3, 3), 32, False),      # layer2 at 64x64: MEC
