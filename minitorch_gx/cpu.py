@@ -178,20 +178,31 @@ _blas_threads = _blas_threads_calls()
 
 class _OneBlasThread:
     """Within: OpenBLAS runs each GEMM on the calling thread only. Entered by
-    the thread that hands out blocks, around all of them (the setting is
-    process-wide), and left once every block is done: so a GEMM in a block
-    runs on one BLAS thread whatever ``threads()`` is, and its bits with it."""
+    the thread that hands out blocks, around all of them, and left once every
+    block is done: so a GEMM in a block runs on one BLAS thread whatever
+    ``threads()`` is, and its bits with it. The setting is process-wide, so
+    callers on several threads share it: the first in sets it, the last out
+    gives OpenBLAS its count back."""
+
+    _lock, _users, _saved = threading.Lock(), 0, None
 
     def __enter__(self):
-        self.previous = None
-        if _blas_threads is not None:
-            self.previous = _blas_threads[0]()
-            if self.previous > 1:
-                _blas_threads[1](1)
+        if _blas_threads is None:
+            return
+        with _OneBlasThread._lock:
+            if _OneBlasThread._users == 0:
+                _OneBlasThread._saved = _blas_threads[0]()
+                if _OneBlasThread._saved > 1:
+                    _blas_threads[1](1)
+            _OneBlasThread._users += 1
 
     def __exit__(self, *exc):
-        if self.previous is not None and self.previous > 1:
-            _blas_threads[1](self.previous)
+        if _blas_threads is None:
+            return
+        with _OneBlasThread._lock:
+            _OneBlasThread._users -= 1
+            if _OneBlasThread._users == 0 and _OneBlasThread._saved > 1:
+                _blas_threads[1](_OneBlasThread._saved)
 
 
 def _in_pool(fn, start, stop):

@@ -215,3 +215,23 @@ def test_relu_into_is_maximum_with_zero_to_the_bit(dtype):
     b = a.copy()
     assert cpu.relu_into(b) is b
     assert b.tobytes() == expected.tobytes()
+
+
+@pytest.mark.skipif(cpu._blas_threads is None, reason="NumPy's BLAS is not an OpenBLAS found here")
+def test_callers_on_several_threads_give_openblas_its_threads_back(monkeypatch):
+    import threading
+    get, put = cpu._blas_threads
+    put(2)
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    seen = []
+
+    def caller():
+        for _ in range(200):
+            cpu.run_blocks(lambda a, b: seen.append(get()), 1 << 20)
+
+    callers = [threading.Thread(target=caller) for _ in range(3)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert set(seen) == {1} and get() == 2
