@@ -47,7 +47,6 @@ over a value already in the environment.
 """
 import concurrent.futures
 import ctypes
-import functools
 import os
 import platform
 import threading
@@ -213,18 +212,21 @@ def _in_pool(fn, start, stop):
         _inside.pool = False
 
 
-@functools.lru_cache(maxsize=64)
-def _zeros(length, dtype):
-    return numpy.zeros(length, dtype)
+_zero_rows = {}  # dtype -> the longest row of zeros asked for yet (read only)
 
 
 def relu_into(a):
     """a = max(a, 0) in place, a NumPy array with a contiguous last axis.
     NumPy 2.4's maximum against a scalar 0 runs a loop several times slower
     than against an array (122 against 41 us for 1 MiB of float32 here), so
-    the 0 is a cached row of zeros broadcast over a: the same values, bit
-    for bit, NaN included."""
-    return numpy.maximum(a, _zeros(a.shape[-1], a.dtype), out=a)
+    the 0 is a kept row of zeros broadcast over a: the same values, bit for
+    bit, NaN included."""
+    length, dtype = a.shape[-1], numpy.dtype(a.dtype)
+    zeros = _zero_rows.get(dtype)
+    if zeros is None or zeros.size < length:
+        zeros = _zero_rows[dtype] = numpy.zeros(length, dtype)
+        zeros.flags.writeable = False
+    return numpy.maximum(a, zeros[:length], out=a)
 
 
 def flat_memory(*arrays):

@@ -215,6 +215,9 @@ def test_relu_into_is_maximum_with_zero_to_the_bit(dtype):
     b = a.copy()
     assert cpu.relu_into(b) is b
     assert b.tobytes() == expected.tobytes()
+    for length in (20, 5):  # a longer row of zeros kept, then a slice of it
+        c = rng.standard_normal((4, length)).astype(dtype)
+        assert cpu.relu_into(c.copy()).tobytes() == np.maximum(c, 0).tobytes()
 
 
 @pytest.mark.skipif(cpu._blas_threads is None, reason="NumPy's BLAS is not an OpenBLAS found here")
