@@ -10,8 +10,8 @@ and a resnext50_32x4d step at batch 16 spent 2.5 to 5 s of its 7 to 9 in the
 kernel on ~100,000 page faults. ``retain_freed_memory()`` asks glibc to keep
 freed memory for reuse instead (``mallopt``: no per-block mappings, no
 trimming), as the caching allocators of GPU frameworks do: after the first
-step a batch-16 step faults 8 pages (95,000 without), and the process's peak
-memory is about the one it reached anyway (+1.8%). ``import minitorch_gx``
+step a batch-16 step faults 4 to 6 pages (63,168 without), and the
+process's peak memory is about the one it reached anyway (+1.8%). ``import minitorch_gx``
 calls it on glibc systems unless ``MINITORCH_GX_RETAIN_MEMORY=0``; elsewhere
 it does nothing.
 
@@ -29,7 +29,7 @@ BLAS. OpenBLAS has threads of its own, right for one large GEMM (a 1x1
 convolution over the batch). Inside a block of ``run_blocks`` the cores are
 already busy, and two blocks' GEMMs each fanned out over OpenBLAS's threads
 fought over them: the grouped convolutions of a batch-32 64x64 step took
-0.22 s so, 0.15 s with OpenBLAS on one thread (benchmarks/bench_conv.py
+0.22 s that way, 0.15 s with OpenBLAS on one thread (benchmarks/bench_conv.py
 --only grouped). So while blocks run, OpenBLAS runs each GEMM on the calling
 thread only (``openblas_set_num_threads``, found in the library NumPy
 loaded; with another BLAS nothing is changed), and gets its threads back

@@ -171,6 +171,23 @@ def stored(a, cnhw):
     return a.transpose(1, 0, 2, 3) if cnhw else a
 
 
+def in_layout(a, cnhw):
+    """a (N, C, H, W) in CNHW memory when ``cnhw``, else in NCHW memory: a
+    itself when it is already, else a copy (``copy()`` is C order for NumPy
+    and CuPy alike)."""
+    if cnhw:
+        return a if is_cnhw(a) else a.transpose(1, 0, 2, 3).copy().transpose(1, 0, 2, 3)
+    return a if a.flags.c_contiguous else a.copy()
+
+
+def new_in_layout(xp, shape, dtype, cnhw, zeros=False):
+    """A new logical (N, C, H, W) array of ``xp`` in CNHW memory when
+    ``cnhw``, else NCHW; uninitialised, or zeros."""
+    n, c, h, w = shape
+    memory = (xp.zeros if zeros else xp.empty)((c, n, h, w) if cnhw else (n, c, h, w), dtype)
+    return stored(memory, cnhw)
+
+
 def planes(dev, a, dtype):
     """(memory, image stride, channel stride) of a logical (N, C, H, W) array
     for a kernel that reads planes: CNHW and NCHW memory as it is (a device

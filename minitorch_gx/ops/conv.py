@@ -26,7 +26,8 @@ from .. import backend, cpu
 from ..autograd import Function, LazyGradient
 from ..cuda import conv as cuda_conv
 from ..cuda import subsample as cuda_subsample
-from ..cuda.device import is_cnhw as _is_cnhw
+from ..cuda.device import in_layout as _in_layout, is_cnhw as _is_cnhw
+from ..cuda.device import new_in_layout, stored as _stored
 
 # --------------------------------------------------------------------------
 # Grouped convolution, the shape names used below (Chainer's legend):
@@ -52,25 +53,6 @@ def _own_layout(a):
     """a itself when its memory is C-contiguous NCHW or CNHW, else an NCHW copy."""
     xp = backend.get_array_module(a)
     return a if a.flags.c_contiguous or _is_cnhw(a) else xp.ascontiguousarray(a)
-
-
-def _in_layout(a, cnhw):
-    """a (N, C, H, W) in CNHW memory when ``cnhw``, else in NCHW memory (a copy
-    only when it is not already)."""
-    xp = backend.get_array_module(a)
-    if cnhw:
-        return a if _is_cnhw(a) else xp.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(
-            1, 0, 2, 3)
-    return a if a.flags.c_contiguous else xp.ascontiguousarray(a)
-
-
-def _new(shape, dtype, cnhw, xp, zeros=False):
-    """A new logical (N, C, H, W) array in CNHW memory when ``cnhw``, else
-    NCHW; uninitialised, or zeros."""
-    n, c, h, w = shape
-    memory = (c, n, h, w) if cnhw else (n, c, h, w)
-    a = (xp.zeros if zeros else xp.empty)(memory, dtype)
-    return a.transpose(1, 0, 2, 3) if cnhw else a
 
 
 def _view_as(a, shape):
@@ -152,9 +134,7 @@ def _every_other_pixel(x, stride):
     if backend.use_kernels(xp):  # one launch (kernels/subsample.cu)
         return cuda_subsample.gather_pixels(x, stride)
     sh, sw = stride
-    if _is_cnhw(x):
-        return xp.ascontiguousarray(x.transpose(1, 0, 2, 3)[:, :, ::sh, ::sw]).transpose(1, 0, 2, 3)
-    return xp.ascontiguousarray(x[:, :, ::sh, ::sw])
+    return _in_layout(x[:, :, ::sh, ::sw], _is_cnhw(x))
 
 
 def _scatter_pixels(gxs, x_shape, stride):
@@ -164,12 +144,7 @@ def _scatter_pixels(gxs, x_shape, stride):
     if backend.use_kernels(xp):  # one launch writing values and zeros together
         return cuda_subsample.scatter_pixels(gxs, x_shape, stride)
     sh, sw = stride
-    if _is_cnhw(gxs):
-        n, c, h, w = x_shape
-        gx = xp.zeros((c, n, h, w), gxs.dtype)
-        gx[:, :, ::sh, ::sw] = gxs.transpose(1, 0, 2, 3)
-        return gx.transpose(1, 0, 2, 3)
-    gx = xp.zeros(x_shape, gxs.dtype)
+    gx = new_in_layout(xp, x_shape, gxs.dtype, _is_cnhw(gxs), zeros=True)
     gx[:, :, ::sh, ::sw] = gxs
     return gx
 
@@ -583,8 +558,9 @@ def _pointwise_backward_weight(gy, x, g):
 # forward and weight gradient took 184 ms at batch 16, 224x224, against 102
 # with MEC, and a batch-32 step of the demo's resnext_mini 71 against 68 ms).
 # Whole resnext50 training steps on this repository's 2-core machine,
-# alternating the setting in one process:
-#   batch 32, 64x64: fold maps <= 4x4 906 ms, only the stem 1010 ms, <= 16x16 965 ms;
+# alternating the setting in one process (measured while the stem was folded
+# too, before OpenBLAS ran on one thread inside blocks):
+#   batch 32, 64x64: fold maps <= 4x4 906 ms, no grouped conv 1010 ms, <= 16x16 965 ms;
 #   batch 16, 224x224: fold maps <= 7x7 4115 ms, <= 4x4 4342 ms, <= 14x14 4391 ms.
 FOLD_BYTES = 4 << 20
 FOLD_MIN_OUT_CHANNELS = 8   # thinner GEMMs gain nothing from the fold (layer1: 4)
@@ -672,11 +648,6 @@ def _col2im_add_block(gcols, g, gx_mem):
             gx_mem[:, :, rows, cols_x] += gcols[:, r, s, :, p0:p1, q0:q1]
 
 
-def _memory(a):
-    """A CNHW array's memory, (C, N, H, W) C-contiguous (a view)."""
-    return a.transpose(1, 0, 2, 3)
-
-
 def _group_rows(a_mem, G):
     """CNHW memory (C, N, H, W) as (G, C/G, N, H*W): each group's rows, a view."""
     c, n, h, w = a_mem.shape
@@ -686,9 +657,9 @@ def _group_rows(a_mem, G):
 def _folded_forward(x, W, g):
     xp = backend.get_array_module(x)
     Wg = W.reshape(g.G, g.oCg, g.iCg * g.R * g.S)                      # (G, oCg, iCg*R*S)
-    x_mem = _memory(x)                                       # (C, N, H, W)
-    y = _new((g.N, g.K, g.P, g.Q), x.dtype, True, xp)
-    y_rows = _group_rows(_memory(y), g.G)                   # (G, oCg, N, P*Q)
+    x_mem = _stored(x, True)                                       # (C, N, H, W)
+    y = new_in_layout(xp, (g.N, g.K, g.P, g.Q), x.dtype, True)
+    y_rows = _group_rows(_stored(y, True), g.G)                   # (G, oCg, N, P*Q)
 
     def block(g0, g1, n0, m):
         cols = _scratch("cols", ((g1 - g0) * g.iCg, g.R, g.S, m, g.P, g.Q), x.dtype, xp)
@@ -703,9 +674,9 @@ def _folded_forward(x, W, g):
 def _folded_backward_data(gy, W, g):
     xp = backend.get_array_module(gy)
     Wg_t = W.reshape(g.G, g.oCg, g.iCg * g.R * g.S).transpose(0, 2, 1)  # (G, iCg*R*S, oCg)
-    gy_rows = _group_rows(_memory(gy), g.G)                 # (G, oCg, N, P*Q)
-    gx = _new((g.N, g.C, g.H, g.W), gy.dtype, True, xp, zeros=True)
-    gx_mem = _memory(gx)                                     # (C, N, H, W)
+    gy_rows = _group_rows(_stored(gy, True), g.G)                 # (G, oCg, N, P*Q)
+    gx = new_in_layout(xp, (g.N, g.C, g.H, g.W), gy.dtype, True, zeros=True)
+    gx_mem = _stored(gx, True)                                     # (C, N, H, W)
 
     def block(g0, g1, n0, m):
         gcols = _scratch("cols", ((g1 - g0) * g.iCg, g.R, g.S, m, g.P, g.Q), gy.dtype, xp)
@@ -720,8 +691,8 @@ def _folded_backward_data(gy, W, g):
 
 def _folded_backward_weight(gy, x, g):
     xp = backend.get_array_module(gy)
-    x_mem = _memory(x)                                       # (C, N, H, W)
-    gy_rows = _group_rows(_memory(gy), g.G)                 # (G, oCg, N, P*Q)
+    x_mem = _stored(x, True)                                       # (C, N, H, W)
+    gy_rows = _group_rows(_stored(gy, True), g.G)                 # (G, oCg, N, P*Q)
     gW = xp.zeros((g.G, g.oCg, g.iCg * g.R * g.S), gy.dtype)           # (G, oCg, iCg*R*S)
 
     def block(g0, g1, n0, m):
@@ -744,7 +715,7 @@ def _forward_fast(x, W, stride, padding, groups):
     if _folds(x, g):
         return _folded_forward(x, W, g)
     W_rows = _weight_rows(W, g)                                   # (R, G, oCg, iCg*S)
-    y = _new((g.N, g.K, g.P, g.Q), x.dtype, _is_cnhw(x), xp)
+    y = new_in_layout(xp, (g.N, g.K, g.P, g.Q), x.dtype, _is_cnhw(x))
 
     def chunk(n0, m):
         low = _scratch("lowered", g.lowered_shape(m), x.dtype, xp)
@@ -786,7 +757,7 @@ def _backward_data_fast(gy, W, x_shape, stride, padding, groups):
     # is then added back onto the image positions it was read from.
     W_rows_t = _weight_rows(W, g).transpose(0, 1, 3, 2)             # (R, G, iCg*S, oCg)
     gy_g = _view_as(gy, (g.N, g.G, g.oCg, g.P * g.Q))                   # (N, G, oCg, P*Q)
-    gx = _new(x_shape, gy.dtype, _is_cnhw(gy), xp, zeros=True)
+    gx = new_in_layout(xp, x_shape, gy.dtype, _is_cnhw(gy), zeros=True)
 
     def chunk(n0, m):
         glow = _scratch("lowered", g.lowered_shape(m), gy.dtype, xp)

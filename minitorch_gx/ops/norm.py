@@ -311,7 +311,7 @@ class _CNHW(_NCHW):
                             if self.n % j == 0 and j * self.length >= self.PIECE), self.n)
 
     def matrix(self, a):
-        return cuda_device.stored(_in_cnhw(a), True).reshape(self.c, self.m)  # (C, N*L)
+        return cuda_device.stored(cuda_device.in_layout(a, True), True).reshape(self.c, self.m)  # (C, N*L)
 
     def new(self, dtype, xp):
         return xp.empty((self.c, self.m), dtype)
@@ -337,13 +337,6 @@ class _CNHW(_NCHW):
     def array(self, a2):
         n, c = self.shape[:2]
         return a2.reshape((c, n) + tuple(self.shape[2:])).transpose(1, 0, 2, 3)
-
-
-def _in_cnhw(a):
-    """a (N, C, H, W) in CNHW memory: itself, or a copy."""
-    xp = backend.get_array_module(a)
-    return a if cuda_device.is_cnhw(a) else xp.ascontiguousarray(
-        a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
 
 
 def _layout(x):

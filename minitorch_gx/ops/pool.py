@@ -33,7 +33,7 @@ import numpy
 from .. import backend
 from ..autograd import Function
 from ..cuda import pool as cuda_pool
-from ..cuda.device import is_cnhw as _is_cnhw
+from ..cuda.device import is_cnhw as _is_cnhw, new_in_layout, stored
 
 
 # --------------------------------------------------------------------------
@@ -119,14 +119,12 @@ class AdaptiveAvgPool2d(Function):
         n, c, h, w = self.x_shape
         p, q = self.output_size
         kh, kw = h // p, w // q
-        scale = gy.dtype.type(1.0 / (kh * kw))
-        if self.cnhw:  # gx in the forward input's layout
-            gx = xp.empty((c, n, p, kh, q, kw), gy.dtype)
-            gx[...] = gy.transpose(1, 0, 2, 3).reshape(c, n, p, 1, q, 1) * scale  # spread evenly
-            return (gx.reshape(c, n, h, w).transpose(1, 0, 2, 3),)
-        gx = xp.empty((n, c, p, kh, q, kw), gy.dtype)
-        gx[...] = gy.reshape(n, c, p, 1, q, 1) * scale  # spread evenly
-        return (gx.reshape(self.x_shape),)
+        # gx in the forward input's layout: each window's share, spread evenly
+        memory = (c, n) if self.cnhw else (n, c)
+        gx = xp.empty(memory + (p, kh, q, kw), gy.dtype)
+        gx[...] = stored(gy, self.cnhw).reshape(memory + (p, 1, q, 1)) * gy.dtype.type(
+            1.0 / (kh * kw))
+        return (stored(gx.reshape(memory + (h, w)), self.cnhw),)
 
 
 def adaptive_avg_pool2d(x, output_size):
@@ -251,10 +249,8 @@ class _Plan:
 
     def planes(self, xp, dtype, h, w, zeros=False):
         """A new (N, C, h, w) array in the input's layout: (memory, logical view)."""
-        n, c = self.shape[:2]
-        memory = (xp.zeros if zeros else xp.empty)((c, n, h, w) if self.cnhw else (n, c, h, w),
-                                                   dtype)
-        return memory, memory.transpose(1, 0, 2, 3) if self.cnhw else memory
+        a = new_in_layout(xp, self.shape[:2] + (h, w), dtype, self.cnhw, zeros)
+        return stored(a, self.cnhw), a
 
     def span(self, axis, phase):
         """Phase elements [u0, u1) along ``axis`` (0: H, 1: W) hold input
@@ -298,9 +294,7 @@ class _Plan:
     def logical(self, flat, h, w):
         """A flat array of planes in the input's layout as (N, C, h, w)."""
         n, c = self.shape[:2]
-        if self.cnhw:
-            return flat.reshape(c, n, h, w).transpose(1, 0, 2, 3)
-        return flat.reshape(n, c, h, w)
+        return stored(flat.reshape(((c, n) if self.cnhw else (n, c)) + (h, w)), self.cnhw)
 
     def crop(self, y):
         """Flat output (n_out,) -> (N, C, P, Q), dropping the junk positions."""
