@@ -9,6 +9,7 @@ import pytest
 
 import minitorch_gx as mt
 from minitorch_gx import cpu, functional as F
+from minitorch_gx.cuda import device as cuda_device
 from minitorch_gx.ops import basic, conv, norm
 from minitorch_gx.optim import sgd
 
@@ -73,6 +74,14 @@ def _step_outputs():
     y = conv.conv2d_forward(xc, W1, (1, 1), (0, 0), 1)
     out += [y, conv.conv2d_backward_data(y, W1, x.shape, (1, 1), (0, 0), 1),
             conv.conv2d_backward_weight(y, xc, W1.shape, (1, 1), (0, 0), 1)]
+    # the stem's kind: one group, its blocks of images split over the threads,
+    # the weight gradient's partial sums added in order
+    image = xc[:, :3]
+    assert cuda_device.is_cnhw(image) and conv._folds(image, conv._Geometry(
+        image.shape, (64, 3, 7, 7), (2, 2), (3, 3), 1))
+    W7 = rng.standard_normal((64, 3, 7, 7)).astype(np.float32)
+    y = conv.conv2d_forward(image, W7, (2, 2), (3, 3), 1)
+    out += [y, conv.conv2d_backward_weight(y, image, W7.shape, (2, 2), (3, 3), 1)]
     y, mean, invstd = norm._train_forward_fast(xc, gamma, beta, 1e-5, True, None, None, 0.1)
     out += [y, mean, invstd, *norm._backward_fast(gyc, xc, gamma, beta, mean, invstd, True, y=y)]
     p, g, buf = (rng.standard_normal(5000).astype(np.float32) for _ in range(3))

@@ -9,12 +9,12 @@ from gy, x), each choosing one of three implementations with
   - the NumPy fast path, in the input's memory layout (NCHW, or CNHW: the
     layout train.py's activations take, as on the GPU): 1x1 convolutions are
     matmuls over channels, on CNHW one GEMM over the whole batch; grouped
-    convolutions on CNHW maps of 7x7 or less with >= 8 outputs per group
-    are one im2col GEMM per group over the whole batch ("folded"); other
-    kernels are lowered along
-    the width only and finished with one matmul per kernel row over
-    row-shifted views (MEC, Cho & Brand, ICML 2017), chunk by chunk of the
-    batch so the lowered block stays in cache;
+    convolutions on CNHW maps of 7x7 or less with >= 8 outputs per group,
+    and the stem (its im2col read from the image's stride phases), are one
+    im2col GEMM per group over the whole batch ("folded"); other kernels
+    are lowered along the width only and finished with one matmul per
+    kernel row over row-shifted views (MEC, Cho & Brand, ICML 2017), chunk
+    by chunk of the batch so the lowered block stays in cache;
   - the CUDA kernels, through their launchers in ``minitorch_gx.cuda.conv``
     (``kernels/grouped_conv.cu``, ``kernels/grouped_conv_bwd_weight.cu``).
 """
@@ -551,12 +551,19 @@ def _pointwise_backward_weight(gy, x, g):
 #   cols[i, r, s, n, p, q] = x[n, g * iCg + i, p * sh + r - ph, q * sw + s - pw]
 # (0 outside the image), is (iCg*R*S, N*P*Q) with every image of the batch
 # side by side, and one GEMM per group gives that group's rows of y's CNHW
-# memory:  y[g] (oCg, N*P*Q) = W[g] (oCg, iCg*R*S) @ cols.  The threads take
-# fixed blocks of groups (disjoint rows of y, gx and gW); within them, groups
-# and images go in blocks whose cols fit in FOLD_BYTES. On larger maps MEC
-# is faster: cols is R times its lowered block (the stem too: folded, its
-# forward and weight gradient took 184 ms at batch 16, 224x224, against 102
-# with MEC, and a batch-32 step of the demo's resnext_mini 71 against 68 ms).
+# memory:  y[g] (oCg, N*P*Q) = W[g] (oCg, iCg*R*S) @ cols.  Groups and
+# images go in blocks whose cols fit in FOLD_BYTES, and the threads take
+# fixed runs of those blocks (disjoint rows of y and gx; gW's partial sums
+# added in order). On larger maps MEC is faster: cols is R times its
+# lowered block. The stem is the exception (``_stem_like``): 3 channels, so
+# MEC's products have 21 rows, and its strided im2col is read from the
+# image's stride phases (``_im2col_by_phases``). Its forward and weight
+# gradient took, folded so against MEC, alternating in one process:
+# 25 against 38 ms at batch 32, 64x64; 117 against 138 ms at batch 16,
+# 224x224; with the demo's 16 outputs (batch 32, 48x48) 8.2 against 6.1 ms,
+# and with 32 outputs 8.7 against 7.0 (hence FOLD_STRIDED_MIN_OUT_CHANNELS).
+# (The strided im2col of old, every other pixel copied per tap, took 184 ms
+# against MEC's 102 at 224x224.)
 # Whole resnext50 training steps on this repository's 2-core machine,
 # alternating the setting in one process (measured while the stem was folded
 # too, before OpenBLAS ran on one thread inside blocks):
@@ -565,12 +572,24 @@ def _pointwise_backward_weight(gy, x, g):
 FOLD_BYTES = 4 << 20
 FOLD_MIN_OUT_CHANNELS = 8   # thinner GEMMs gain nothing from the fold (layer1: 4)
 FOLD_MAX_PIXELS = 49        # fold on input maps of at most 7x7
+FOLD_STRIDED_MAX_CHANNELS = 16      # C * sh * sw of a strided one-group conv (the stem: 12)
+FOLD_STRIDED_MIN_OUT_CHANNELS = 64  # the stem's 64; the demo's 16 run faster with MEC
 
 
 def _folds(x, g):
-    """Whether the convolution runs folded: CNHW memory, small maps, >= 8
-    outputs per group."""
-    return _is_cnhw(x) and g.oCg >= FOLD_MIN_OUT_CHANNELS and g.H * g.W <= FOLD_MAX_PIXELS
+    """Whether the convolution runs folded: CNHW memory, and small maps with
+    >= 8 outputs per group, or the stem's kind of kernel (``_stem_like``)."""
+    return _is_cnhw(x) and (g.oCg >= FOLD_MIN_OUT_CHANNELS and g.H * g.W <= FOLD_MAX_PIXELS
+                            or _stem_like(g))
+
+
+def _stem_like(g):
+    """A strided kernel over few channels in one group: few channels even
+    once split into their stride phases (``_im2col_by_phases``), and enough
+    outputs for the GEMM to outweigh cols, R * S times MEC's lowered block."""
+    return (g.G == 1 and (g.sh, g.sw) != (1, 1) and g.R * g.S > 1
+            and g.C * g.sh * g.sw <= FOLD_STRIDED_MAX_CHANNELS
+            and g.K >= FOLD_STRIDED_MIN_OUT_CHANNELS)
 
 
 def _fold_blocks(g, itemsize):
@@ -582,16 +601,16 @@ def _fold_blocks(g, itemsize):
 
 
 def _folded_blocks(fn, g, itemsize):
-    """fn(g0, g1, n0, m) over every block of groups and images, the groups
-    split over the threads in fixed blocks; images in order within each."""
+    """[fn(g0, g1, n0, m) for every block of groups and images], groups
+    major and images in order within them; the list is split over the
+    threads in fixed contiguous runs (so one group's image blocks, as in
+    the stem's, also go to both), each block writing only its own groups
+    and images or returning a partial sum for the caller to add in order."""
     per_groups, images = _fold_blocks(g, itemsize)
-
-    def groups(g0, g1):
-        for a in range(g0, g1, per_groups):
-            for n0 in range(0, g.N, images):
-                fn(a, min(a + per_groups, g1), n0, min(images, g.N - n0))
-
-    cpu.run_blocks(groups, g.G)
+    work = [(a, min(a + per_groups, g.G), n0, min(images, g.N - n0))
+            for a in range(0, g.G, per_groups) for n0 in range(0, g.N, images)]
+    parts = cpu.run_blocks(lambda i, j: [fn(*work[k]) for k in range(i, j)], len(work))
+    return [result for part in parts for result in part]
 
 
 def _taps(g):
@@ -608,6 +627,8 @@ def _im2col_block(x_mem, g, cols):
     """cols (c, R, S, m, P, Q) from x_mem (c, m, H, W), a block of x's CNHW memory."""
     if g.sh == g.sw == 1 and (g.P, g.Q) == (g.H, g.W):
         return _im2col_by_shifts(x_mem, g, cols)
+    if _stem_like(g):
+        return _im2col_by_phases(x_mem, g, cols)
     for r, s, (p0, p1, q0, q1), (rows, cols_x) in _taps(g):
         dst = cols[:, r, s]                                  # (c, m, P, Q)
         if p1 > p0 and q1 > q0:
@@ -639,6 +660,32 @@ def _im2col_by_shifts(x_mem, g, cols):
         lo, hi = max(0, -shift), length - max(0, shift)
         flat[:, lo:hi] = src[:, lo + shift:hi + shift]
         _zero_outside(dst, p0, p1, q0, q1)
+
+
+def _im2col_by_phases(x_mem, g, cols):
+    """_im2col_block for strided convolutions: the block's padded image split
+    once into its sh * sw stride phases,
+      phases[c, a, b, m, i, j] = x[m, c, i * sh + a - ph, j * sw + b - pw]   (0 outside),
+    from which tap (r, s) is a plain copy of rows, phase (r % sh, s % sw)
+    from row r // sh and column s // sw on. Copying every sh-th pixel per
+    tap and zeroing the padding per tap cost several times more (the stem:
+    49 taps of a stride-2 7x7 kernel)."""
+    xp = backend.get_array_module(x_mem)
+    c, m = x_mem.shape[:2]
+    H2, W2 = g.P + (g.R - 1) // g.sh, g.Q + (g.S - 1) // g.sw
+    phases = _scratch("phases", (c, g.sh, g.sw, m, H2, W2), x_mem.dtype, xp)
+    for a in range(g.sh):
+        i0, i1, rows = _valid(H2, a - g.ph, g.sh, g.H)
+        for b in range(g.sw):
+            j0, j1, cols_x = _valid(W2, b - g.pw, g.sw, g.W)
+            dst = phases[:, a, b]                                # (c, m, H2, W2)
+            if i1 > i0 and j1 > j0:
+                dst[:, :, i0:i1, j0:j1] = x_mem[:, :, rows, cols_x]
+            _zero_outside(dst, i0, i1, j0, j1)
+    for r in range(g.R):
+        for s in range(g.S):
+            i, j = r // g.sh, s // g.sw
+            cols[:, r, s] = phases[:, r % g.sh, s % g.sw, :, i:i + g.P, j:j + g.Q]
 
 
 def _col2im_add_block(gcols, g, gx_mem):
@@ -700,9 +747,10 @@ def _folded_backward_weight(gy, x, g):
         _im2col_block(x_mem[g0 * g.iCg:g1 * g.iCg, n0:n0 + m], g, cols)
         gy_block = _view_as(gy_rows[g0:g1, :, n0:n0 + m], (g1 - g0, g.oCg, m * g.P * g.Q))
         cols_t = cols.reshape(g1 - g0, g.iCg * g.R * g.S, m * g.P * g.Q).transpose(0, 2, 1)
-        gW[g0:g1] += xp.matmul(gy_block, cols_t)   # image blocks added in order
+        return g0, g1, xp.matmul(gy_block, cols_t)
 
-    _folded_blocks(block, g, x.dtype.itemsize)
+    for g0, g1, partial in _folded_blocks(block, g, x.dtype.itemsize):
+        gW[g0:g1] += partial   # each group's image blocks added in order
     return gW.reshape(g.K, g.iCg, g.R, g.S)
 
 

@@ -595,15 +595,44 @@ def test_the_folded_grouped_conv_equals_the_reference_in_every_blocking(monkeypa
         assert_close(a, b, 1e-10, scaled(b, 1e-12), f"folded {case} {name}")
 
 
-@pytest.mark.parametrize("x_shape, W_shape, groups, folds", [
-    ((2, 3, 64, 64), (64, 3, 7, 7), 1, False),        # the stem: MEC
-    ((2, 16, 4, 4), (32, 16, 3, 3), 1, True),         # one group, a small map
-    ((2, 512, 4, 4), (512, 16, 3, 3), 32, True),      # layer3 at 64x64: a 4x4 map
-    ((2, 1024, 7, 7), (1024, 32, 3, 3), 32, True),    # layer4 at 224x224
-    ((2, 256, 8, 8), (256, 8, 3, 3), 32, False),      # layer2 at 64x64: MEC
-    ((2, 128, 2, 2), (128, 4, 3, 3), 32, False)])     # 4 outputs per group: MEC
-def test_which_convolutions_run_folded(x_shape, W_shape, groups, folds):
-    g = conv._Geometry(x_shape, W_shape, 1, 1, groups)
+@pytest.mark.parametrize("fold_bytes", [1, 20000, conv.FOLD_BYTES])
+@pytest.mark.parametrize("case", [(3, 3, 17, 15, 8, 1, 7, 7, 2, 3),        # the stem, odd sizes
+                                  (2, 2, 9, 10, 5, 1, 3, 4, (2, 3), (1, 2)),
+                                  (2, 4, 8, 8, 6, 1, 2, 2, 2, 0),          # no padding
+                                  (2, 1, 11, 7, 3, 1, 5, 3, (3, 2), (2, 0))], ids=_case_id)
+def test_the_stems_kind_of_conv_runs_on_stride_phases_equal_to_the_reference(monkeypatch, case,
+                                                                             fold_bytes):
+    """A strided kernel over few channels in one group is folded, its im2col
+    read from the padded image's stride phases; the blocks of images (one
+    each at fold_bytes=1) change nothing but the order of work."""
+    monkeypatch.setattr(conv, "FOLD_BYTES", fold_bytes)
+    monkeypatch.setattr(conv, "FOLD_STRIDED_MIN_OUT_CHANNELS", 1)  # these have few outputs
+    x, W, gy, _ = _conv_data(case, numpy.float64, 7)
+    stride, padding = case[8], case[9]
+    x_c = cnhw(x, numpy.array)
+    x_c = x_c if cuda_device.is_cnhw(x_c) else x  # one channel: CNHW memory is NCHW memory
+    geometry = conv._Geometry(x.shape, W.shape, stride, padding, 1)
+    assert conv._stem_like(geometry) and conv._folds(x_c, geometry) == cuda_device.is_cnhw(x_c)
+    got = (conv._forward_fast(x_c, W, stride, padding, 1),
+           conv._backward_weight_fast(cnhw(gy, numpy.array), x_c, W.shape, stride, padding, 1))
+    expected = (naive_conv2d(x, W, None, _pair(stride), _pair(padding), 1),
+                conv.conv2d_backward_weight_reference(gy, x, W.shape, stride, padding, 1))
+    for a, b, name in zip(got, expected, ("forward", "backward weight")):
+        assert_close(a, b, 1e-10, scaled(b, 1e-12), f"stem-like {case} {name}")
+
+
+@pytest.mark.parametrize("x_shape, W_shape, groups, stride, folds", [
+    ((2, 3, 64, 64), (64, 3, 7, 7), 1, 2, True),         # the stem, on its stride phases
+    ((2, 3, 64, 64), (64, 3, 7, 7), 1, 1, False),        # no stride: MEC
+    ((2, 3, 48, 48), (16, 3, 7, 7), 1, 2, False),        # the demo's 16 outputs: MEC
+    ((2, 8, 64, 64), (64, 8, 7, 7), 1, 2, False),        # 32 channels once split: MEC
+    ((2, 16, 4, 4), (32, 16, 3, 3), 1, 1, True),         # one group, a small map
+    ((2, 512, 4, 4), (512, 16, 3, 3), 32, 1, True),      # layer3 at 64x64: a 4x4 map
+    ((2, 1024, 7, 7), (1024, 32, 3, 3), 32, 1, True),    # layer4 at 224x224
+    ((2, 256, 8, 8), (256, 8, 3, 3), 32, 1, False),      # layer2 at 64x64: MEC
+    ((2, 128, 2, 2), (128, 4, 3, 3), 32, 1, False)])     # 4 outputs per group: MEC
+def test_which_convolutions_run_folded(x_shape, W_shape, groups, stride, folds):
+    g = conv._Geometry(x_shape, W_shape, stride, 1, groups)
     x = numpy.zeros(x_shape, numpy.float32)
     assert conv._folds(cnhw(x, numpy.array), g) == folds
     assert not conv._folds(x, g)  # NCHW memory never folds
