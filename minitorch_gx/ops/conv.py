@@ -561,9 +561,16 @@ def _pointwise_backward_weight(gy, x, g):
 # gradient took, folded so against MEC, alternating in one process:
 # 25 against 38 ms at batch 32, 64x64; 117 against 138 ms at batch 16,
 # 224x224; with the demo's 16 outputs (batch 32, 48x48) 8.2 against 6.1 ms,
-# and with 32 outputs 8.7 against 7.0 (hence FOLD_STRIDED_MIN_OUT_CHANNELS).
+# and with 32 outputs 8.7 against 7.0 (hence STEM_MIN_OUT_CHANNELS).
 # (The strided im2col of old, every other pixel copied per tap, took 184 ms
-# against MEC's 102 at 224x224.)
+# against MEC's 102 at 224x224.) Strided grouped convolutions fold onto maps
+# of up to 14x14 with >= 16 outputs per group; forward, input and weight
+# gradients, ms, folded against MEC (bench_conv.py's shapes):
+#   batch 32, 64x64, layer3's first (8x8 -> 4x4): 5.6/8.7/5.5 against 6.5/9.5/7.7;
+#   batch 16, 224x224, layer4's first (14x14 -> 7x7): 13.3/19.2/13.7 against
+#   15.7/25.6/21.7, layer3's first (28x28 -> 14x14): 14.8/24.7/18.4 against 18.6/29.2/16.3;
+#   but layer2's first at 64x64 (16x16 -> 8x8, 8 per group) 7.7/10.8/7.2 against
+#   6.5/11.2/6.1, and stride-1 maps of 8x8 to 28x28 all run faster with MEC.
 # Whole resnext50 training steps on this repository's 2-core machine,
 # alternating the setting in one process (measured while the stem was folded
 # too, before OpenBLAS ran on one thread inside blocks):
@@ -572,15 +579,22 @@ def _pointwise_backward_weight(gy, x, g):
 FOLD_BYTES = 4 << 20
 FOLD_MIN_OUT_CHANNELS = 8   # thinner GEMMs gain nothing from the fold (layer1: 4)
 FOLD_MAX_PIXELS = 49        # fold on input maps of at most 7x7
-FOLD_STRIDED_MAX_CHANNELS = 16      # C * sh * sw of a strided one-group conv (the stem: 12)
-FOLD_STRIDED_MIN_OUT_CHANNELS = 64  # the stem's 64; the demo's 16 run faster with MEC
+FOLD_STRIDED_MIN_OUT_CHANNELS = 16  # strided grouped convs fold with >= 16 outputs per group
+FOLD_STRIDED_MAX_OUT_PIXELS = 196   # and outputs of at most 14x14
+STEM_MAX_CHANNELS = 16              # C * sh * sw of a strided one-group conv (the stem: 12)
+STEM_MIN_OUT_CHANNELS = 64          # the stem's 64; the demo's 16 run faster with MEC
 
 
 def _folds(x, g):
     """Whether the convolution runs folded: CNHW memory, and small maps with
-    >= 8 outputs per group, or the stem's kind of kernel (``_stem_like``)."""
-    return _is_cnhw(x) and (g.oCg >= FOLD_MIN_OUT_CHANNELS and g.H * g.W <= FOLD_MAX_PIXELS
-                            or _stem_like(g))
+    >= 8 outputs per group, strided kernels with >= 16 outputs per group onto
+    maps of at most 14x14, or the stem's kind of kernel (``_stem_like``)."""
+    strided = (g.sh, g.sw) != (1, 1)
+    return _is_cnhw(x) and (
+        g.oCg >= FOLD_MIN_OUT_CHANNELS and g.H * g.W <= FOLD_MAX_PIXELS
+        or strided and g.oCg >= FOLD_STRIDED_MIN_OUT_CHANNELS
+        and g.P * g.Q <= FOLD_STRIDED_MAX_OUT_PIXELS
+        or _stem_like(g))
 
 
 def _stem_like(g):
@@ -588,8 +602,8 @@ def _stem_like(g):
     once split into their stride phases (``_im2col_by_phases``), and enough
     outputs for the GEMM to outweigh cols, R * S times MEC's lowered block."""
     return (g.G == 1 and (g.sh, g.sw) != (1, 1) and g.R * g.S > 1
-            and g.C * g.sh * g.sw <= FOLD_STRIDED_MAX_CHANNELS
-            and g.K >= FOLD_STRIDED_MIN_OUT_CHANNELS)
+            and g.C * g.sh * g.sw <= STEM_MAX_CHANNELS
+            and g.K >= STEM_MIN_OUT_CHANNELS)
 
 
 def _fold_blocks(g, itemsize):

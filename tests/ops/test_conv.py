@@ -606,7 +606,7 @@ def test_the_stems_kind_of_conv_runs_on_stride_phases_equal_to_the_reference(mon
     read from the padded image's stride phases; the blocks of images (one
     each at fold_bytes=1) change nothing but the order of work."""
     monkeypatch.setattr(conv, "FOLD_BYTES", fold_bytes)
-    monkeypatch.setattr(conv, "FOLD_STRIDED_MIN_OUT_CHANNELS", 1)  # these have few outputs
+    monkeypatch.setattr(conv, "STEM_MIN_OUT_CHANNELS", 1)  # these have few outputs
     x, W, gy, _ = _conv_data(case, numpy.float64, 7)
     stride, padding = case[8], case[9]
     x_c = cnhw(x, numpy.array)
@@ -630,6 +630,11 @@ def test_the_stems_kind_of_conv_runs_on_stride_phases_equal_to_the_reference(mon
     ((2, 512, 4, 4), (512, 16, 3, 3), 32, 1, True),      # layer3 at 64x64: a 4x4 map
     ((2, 1024, 7, 7), (1024, 32, 3, 3), 32, 1, True),    # layer4 at 224x224
     ((2, 256, 8, 8), (256, 8, 3, 3), 32, 1, False),      # layer2 at 64x64: MEC
+    ((2, 512, 14, 14), (512, 16, 3, 3), 32, 1, False),   # layer3 at 224x224: MEC
+    ((2, 512, 8, 8), (512, 16, 3, 3), 32, 2, True),      # layer3's first at 64x64: onto 4x4
+    ((2, 512, 28, 28), (512, 16, 3, 3), 32, 2, True),    # and at 224x224: onto 14x14
+    ((2, 256, 16, 16), (256, 8, 3, 3), 32, 2, False),    # layer2's first: 8 per group, MEC
+    ((2, 512, 30, 30), (512, 16, 3, 3), 32, 2, False),   # onto 15x15: MEC
     ((2, 128, 2, 2), (128, 4, 3, 3), 32, 1, False)])     # 4 outputs per group: MEC
 def test_which_convolutions_run_folded(x_shape, W_shape, groups, stride, folds):
     g = conv._Geometry(x_shape, W_shape, stride, 1, groups)
