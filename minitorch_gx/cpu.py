@@ -23,7 +23,11 @@ contiguous blocks and ``run_blocks(fn, n)`` runs ``fn(start, stop)`` on each,
 one block per thread (a block that asks for blocks itself runs them in
 place). The blocks depend only on n and the thread count, each
 writes only its own rows, and partial sums are combined in block order, so
-a result never depends on which thread ran first.
+a result never depends on which thread ran first. A hand-off to a thread
+costs far more on a VM than the "tens of microseconds" one might expect
+(0.1 to 0.8 ms here once the thread has idled), so only work that gains more
+than that is split: passes of at least 2 x MIN_BLOCK_ELEMENTS elements, and
+convolutions whose blocks are large GEMMs (``ops/conv.py``, THREADED_GEMM_MACS).
 
 BLAS. OpenBLAS has threads of its own, right for one large GEMM (a 1x1
 convolution over the batch). Inside a block of ``run_blocks`` the cores are
@@ -54,9 +58,17 @@ import threading
 import numpy
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's malloc.h
-# Work below this many elements per block is not worth a thread (a hand-off
-# costs tens of microseconds; a float32 pass over 64 Ki elements about as much).
-MIN_BLOCK_ELEMENTS = 1 << 16
+# Work below this many elements per block runs on one thread. Inside a
+# training step a hand-off to a thread that has been idle for a few
+# milliseconds cost 0.1 to 0.8 ms on this project's 2-core VM, and a block
+# of passes over a few MiB gains less than that from the second core: timed
+# call by call within batch-32 64x64 steps (threads on and off on alternate
+# steps), one thread was faster for 29 of the 31 batch-norm and element-wise
+# shapes, up to 2M elements. Whole steps, ABBA-ordered in one process: 1 << 21
+# against 1 << 16 saved 21 ms a step at batch 32, 64x64 (median of 24 quads, 17
+# faster) and made no measurable difference at batch 16, 224x224, where the
+# larger passes (and the SGD update's 25M) still split.
+MIN_BLOCK_ELEMENTS = 1 << 21
 _retained = False
 
 

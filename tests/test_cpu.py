@@ -91,6 +91,7 @@ def _step_outputs():
 
 def test_threads_never_change_a_result(monkeypatch):
     monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)  # split even these small arrays
+    monkeypatch.setattr(conv, "THREADED_GEMM_MACS", 0)  # and every convolution's blocks
     monkeypatch.setattr(conv, "FOLD_BYTES", 30000)  # blocks of groups and of images
     monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 1 << 30)  # fold these 14x14 maps too
     results = {}
@@ -155,6 +156,7 @@ def test_a_training_step_is_the_same_with_one_thread_and_two(monkeypatch, arch, 
     from resnext.model import build_model
     x, labels = _input(kind), np.random.default_rng(3).integers(0, 10, 4)
     monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(conv, "THREADED_GEMM_MACS", 0)
     params = {}
     for count in ("1", "2"):
         monkeypatch.setenv("MINITORCH_GX_THREADS", count)

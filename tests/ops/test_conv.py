@@ -643,6 +643,26 @@ def test_which_convolutions_run_folded(x_shape, W_shape, groups, stride, folds):
     assert not conv._folds(x, g)  # NCHW memory never folds
 
 
+@pytest.mark.parametrize("x_shape, W_shape, stride, groups, split", [
+    ((8, 3, 64, 64), (64, 3, 7, 7), 2, 1, True),        # the stem: large GEMMs
+    ((8, 512, 4, 4), (512, 16, 3, 3), 1, 32, False),    # folded, small GEMMs per group
+    ((8, 128, 16, 16), (128, 4, 3, 3), 1, 32, False),   # MEC, small GEMMs per image
+    ((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, True)])     # MEC, one group of 64: large
+def test_only_convolutions_of_large_gemms_split_their_blocks_over_threads(
+        monkeypatch, x_shape, W_shape, stride, groups, split):
+    calls = []
+    real = conv.cpu.run_blocks
+
+    def spy(fn, n, min_rows=1):
+        calls.append(n >= 2 * min_rows)
+        return real(fn, n, min_rows)
+
+    monkeypatch.setattr(conv.cpu, "run_blocks", spy)
+    x = cnhw(numpy.ones(x_shape, numpy.float32), numpy.array)
+    conv._forward_fast(x, numpy.ones(W_shape, numpy.float32), stride, W_shape[2] // 2, groups)
+    assert calls and set(calls) == {split}
+
+
 def test_a_1x1_conv_on_cnhw_memory_reads_x_in_place_on_the_numpy_path():
     """One GEMM over the batch reading x's own memory: y's memory is the
     GEMM's output, x is never copied (a copy would show as a new base)."""
