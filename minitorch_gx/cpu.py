@@ -50,6 +50,7 @@ so ``import minitorch_gx`` sets it only when NumPy is not imported yet
 over a value already in the environment.
 """
 import concurrent.futures
+import contextlib
 import ctypes
 import os
 import platform
@@ -139,15 +140,18 @@ def blocks(n, count=None):
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
-def run_blocks(fn, n, min_rows=1):
+def run_blocks(fn, n, min_rows=1, gemms=True):
     """[fn(start, stop) for each block of ``blocks(n)``], the blocks run on
     the thread pool (the first on the calling thread); one block, run here,
     when n < 2 * min_rows or there is one thread. Results in block order.
-    Every block's GEMMs run on one BLAS thread (see the module docstring)."""
+    Every block's GEMMs run on one BLAS thread (see the module docstring);
+    ``gemms=False`` says fn runs none, and skips that setting, which costs
+    60 us right after a GEMM here (4 us otherwise)."""
     count = threads()
     if getattr(_inside, "pool", False):
         return [fn(0, n)]  # inside a block already: the threads are busy
-    with _OneBlasThread():  # a block's GEMMs on its own thread, however many blocks
+    # a block's GEMMs on its own thread, however many blocks
+    with _OneBlasThread() if gemms else contextlib.nullcontext():
         if count == 1 or n < 2 * min_rows:
             return [_in_pool(fn, 0, n)]
         parts = blocks(n, min(count, n // min_rows))
@@ -273,7 +277,7 @@ def elementwise(passes, *flat):
             j = min(i + PIECE_ELEMENTS, stop)
             passes(*(a[i:j] for a in flat))
 
-    run_blocks(block, n, min_rows=MIN_BLOCK_ELEMENTS)
+    run_blocks(block, n, min_rows=MIN_BLOCK_ELEMENTS, gemms=False)
 
 
 def elementwise_new(passes, *arrays):

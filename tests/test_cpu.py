@@ -202,6 +202,24 @@ def test_gemms_in_blocks_run_on_one_blas_thread_whatever_the_thread_count(monkey
     assert seen and set(seen) == {1}
 
 
+def test_passes_without_gemms_leave_openblas_alone(monkeypatch):
+    """Batch norm and the element-wise passes run no GEMM, so they skip the
+    one-BLAS-thread setting (60 us after a GEMM here); convolutions keep it."""
+    count, sets = [2], []
+    monkeypatch.setattr(cpu, "_blas_threads", (lambda: count[0], lambda n: sets.append(n)))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8, 6, 6)).astype(np.float32)
+    ones = np.ones(8, np.float32)
+    y, mean, invstd = norm._train_forward_fast(x, ones, ones, 1e-5, True, None, None, 0.1)
+    norm._backward_fast(x, x, ones, ones, mean, invstd, True, y=y)
+    basic._add_relu_forward_fast(x, x)
+    p, g, buf = (rng.standard_normal(50).astype(np.float32) for _ in range(3))
+    sgd._sgd_update_fast(p, g, buf, 0.1, 0.9, 1e-4, np.empty_like(p))
+    assert sets == []
+    conv.conv2d_forward(x, rng.standard_normal((8, 2, 3, 3)).astype(np.float32), (1, 1), (1, 1), 4)
+    assert sets == [1, 2]
+
+
 @pytest.mark.parametrize("setup, expected", [
     ("", "4"),                                   # minitorch_gx first: OpenBLAS's threads sleep
     ("import os; os.environ['OPENBLAS_THREAD_TIMEOUT'] = '9'; ", "9"),  # the user's value stays
