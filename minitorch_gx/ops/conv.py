@@ -469,13 +469,15 @@ def _lower_by_shifts(x, g, low):
         start = g.ph * g.Q
         lo, hi = max(0, -shift), hw - max(0, shift)       # low's flat positions written
         dst_flat[:, :, start + lo:start + hi] = flat[:, :, lo + shift:hi + shift]
-        dst[:, :, :g.ph] = 0
-        dst[:, :, g.ph + g.H:] = 0
         body = dst[:, :, g.ph:g.ph + g.H]
         if shift > 0:    # the last `shift` columns read past the row's end
             body[:, :, :, g.W - shift:] = 0
         elif shift < 0:  # the first -shift columns read before its start
             body[:, :, :, :-shift] = 0
+    if g.ph:  # the padding rows, of every tap at once
+        low[:, :, :, 0, :g.ph] = 0
+    if g.H2 > g.ph + g.H:
+        low[:, :, :, 0, g.ph + g.H:] = 0
 
 
 def _unlower_add(glow, g, gx):
@@ -664,18 +666,42 @@ def _im2col_block(x_mem, g, cols):
     if _stem_like(g):
         return _im2col_by_phases(x_mem, g, cols)
     for r, s, (p0, p1, q0, q1), (rows, cols_x) in _taps(g):
-        dst = cols[:, r, s]                                  # (c, m, P, Q)
         if p1 > p0 and q1 > q0:
-            dst[:, :, p0:p1, q0:q1] = x_mem[:, :, rows, cols_x]
-        _zero_outside(dst, p0, p1, q0, q1)
+            cols[:, r, s, :, p0:p1, q0:q1] = x_mem[:, :, rows, cols_x]
+    _zero_outside_taps(cols, g)
 
 
 def _zero_outside(dst, p0, p1, q0, q1):
     """Zeros in dst (c, m, P, Q) outside rows [p0, p1) and cols [q0, q1)."""
-    dst[:, :, :p0] = 0
-    dst[:, :, p1:] = 0
-    dst[:, :, p0:p1, :q0] = 0
-    dst[:, :, p0:p1, q1:] = 0
+    P, Q = dst.shape[2:]
+    if p0 > 0:
+        dst[:, :, :p0] = 0
+    if p1 < P:
+        dst[:, :, p1:] = 0
+    if q0 > 0:
+        dst[:, :, p0:p1, :q0] = 0
+    if q1 < Q:
+        dst[:, :, p0:p1, q1:] = 0
+
+
+def _zero_outside_taps(cols, g):
+    """Zeros in cols (c, R, S, m, P, Q) wherever tap (r, s) lies outside the
+    image: a position does when its row does for r or its column for s, so
+    the rows go per kernel row and the columns per kernel column (at most
+    2 * (R + S) writes, against 4 * R * S tap by tap: the calls, not the
+    bytes, were the cost on 4x4 maps)."""
+    for r in range(g.R):
+        p0, p1, _ = _valid(g.P, r - g.ph, g.sh, g.H)
+        if p0 > 0:
+            cols[:, r, :, :, :p0] = 0
+        if p1 < g.P:
+            cols[:, r, :, :, p1:] = 0
+    for s in range(g.S):
+        q0, q1, _ = _valid(g.Q, s - g.pw, g.sw, g.W)
+        if q0 > 0:
+            cols[:, :, s, :, :, :q0] = 0
+        if q1 < g.Q:
+            cols[:, :, s, :, :, q1:] = 0
 
 
 def _im2col_by_shifts(x_mem, g, cols):
@@ -687,13 +713,12 @@ def _im2col_by_shifts(x_mem, g, cols):
     c, m = x_mem.shape[:2]
     src = _view_as(x_mem, (c, m * g.H * g.W))
     length = src.shape[1]
-    for r, s, (p0, p1, q0, q1), _ in _taps(g):
-        dst = cols[:, r, s]                                  # (c, m, P, Q)
-        flat = _view_as(dst, (c, length))
+    for r, s, _, _ in _taps(g):
+        flat = _view_as(cols[:, r, s], (c, length))          # (c, m*P*Q)
         shift = (r - g.ph) * g.W + (s - g.pw)                # dst position j reads src j + shift
         lo, hi = max(0, -shift), length - max(0, shift)
-        flat[:, lo:hi] = src[:, lo + shift:hi + shift]
-        _zero_outside(dst, p0, p1, q0, q1)
+        flat[:, lo:hi] = src[:, lo + shift:hi + shift]  # (the rest lies outside: zeroed below)
+    _zero_outside_taps(cols, g)
 
 
 def _im2col_by_phases(x_mem, g, cols):

@@ -621,6 +621,38 @@ def test_the_stems_kind_of_conv_runs_on_stride_phases_equal_to_the_reference(mon
         assert_close(a, b, 1e-10, scaled(b, 1e-12), f"stem-like {case} {name}")
 
 
+@pytest.mark.parametrize("case", [(3, 16, 4, 4, 16, 2, 3, 3, 1, 1),     # shifted copies
+                                  (2, 16, 5, 6, 32, 2, 3, 3, 2, 1),     # strided taps
+                                  (2, 24, 6, 5, 48, 3, 3, 2, (2, 1), (1, 0)),
+                                  (2, 3, 13, 11, 64, 1, 7, 7, 2, 3),    # the stem's phases
+                                  (2, 8, 9, 9, 8, 2, 3, 3, 1, 1)],      # MEC
+                         ids=_case_id)
+def test_every_scratch_value_a_convolution_reads_was_written_first(monkeypatch, case):
+    """The lowered blocks and cols live in reused, uninitialised buffers,
+    and their padding is zeroed by fix-ups: hand out buffers full of NaN and
+    the result still equals the reference (a value read unwritten shows)."""
+    real = conv._scratch
+
+    def poisoned(name, shape, dtype, xp):
+        buf = real(name, shape, dtype, xp)
+        buf[...] = numpy.nan
+        return buf
+
+    monkeypatch.setattr(conv, "_scratch", poisoned)
+    monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 30)  # the first two cases fold, the last not
+    x, W, gy, _ = _conv_data(case, numpy.float64, 8)
+    g, stride, padding = case[5], case[8], case[9]
+    xc, gyc = cnhw(x, numpy.array), cnhw(gy, numpy.array)
+    got = (conv._forward_fast(xc, W, stride, padding, g),
+           conv._backward_data_fast(gyc, W, x.shape, stride, padding, g),
+           conv._backward_weight_fast(gyc, xc, W.shape, stride, padding, g))
+    expected = (naive_conv2d(x, W, None, _pair(stride), _pair(padding), g),
+                conv.conv2d_backward_data_reference(gy, W, x.shape, stride, padding, g),
+                conv.conv2d_backward_weight_reference(gy, x, W.shape, stride, padding, g))
+    for a, b, name in zip(got, expected, ("forward", "backward data", "backward weight")):
+        assert_close(a, b, 1e-10, scaled(b, 1e-12), f"{case} {name}")
+
+
 @pytest.mark.parametrize("x_shape, W_shape, groups, stride, folds", [
     ((2, 3, 64, 64), (64, 3, 7, 7), 1, 2, True),         # the stem, on its stride phases
     ((2, 3, 64, 64), (64, 3, 7, 7), 1, 1, False),        # no stride: MEC
