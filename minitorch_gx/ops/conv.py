@@ -573,8 +573,9 @@ def _pointwise_backward_weight(gy, x, g):
 # side by side, and one GEMM per group gives that group's rows of y's CNHW
 # memory:  y[g] (oCg, N*P*Q) = W[g] (oCg, iCg*R*S) @ cols.  Groups and
 # images go in blocks whose cols fit in FOLD_BYTES, and the threads take
-# fixed runs of those blocks (disjoint rows of y and gx; gW's partial sums
-# added in order). On larger maps MEC is faster: cols is R times its
+# fixed runs of those blocks when their GEMMs are large (THREADED_GEMM_MACS,
+# below: disjoint rows of y and gx; gW's partial sums added in order). On
+# larger maps MEC is faster: cols is R times its
 # lowered block. The stem is the exception (``_stem_like``): 3 channels, so
 # MEC's products have 21 rows, and its strided im2col is read from the
 # image's stride phases (``_im2col_by_phases``). Its forward and weight
@@ -585,7 +586,8 @@ def _pointwise_backward_weight(gy, x, g):
 # (The strided im2col of old, every other pixel copied per tap, took 184 ms
 # against MEC's 102 at 224x224.) Strided grouped convolutions fold onto maps
 # of up to 14x14 with >= 16 outputs per group; forward, input and weight
-# gradients, ms, folded against MEC (bench_conv.py's shapes):
+# gradients, ms, folded against MEC (bench_conv.py's shapes, both split over
+# the threads, as they were before THREADED_GEMM_MACS):
 #   batch 32, 64x64, layer3's first (8x8 -> 4x4): 5.6/8.7/5.5 against 6.5/9.5/7.7;
 #   batch 16, 224x224, layer4's first (14x14 -> 7x7): 13.3/19.2/13.7 against
 #   15.7/25.6/21.7, layer3's first (28x28 -> 14x14): 14.8/24.7/18.4 against 18.6/29.2/16.3;
