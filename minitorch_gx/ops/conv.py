@@ -10,8 +10,9 @@ from gy, x), each choosing one of three implementations with
     layout train.py's activations take, as on the GPU): 1x1 convolutions are
     matmuls over channels, on CNHW one GEMM over the whole batch; grouped
     convolutions on CNHW maps of 7x7 or less with >= 8 outputs per group,
-    and the stem (its im2col read from the image's stride phases), are one
-    im2col GEMM per group over the whole batch ("folded"); other kernels
+    strided ones onto maps of 14x14 or less with >= 16, and the stem (its
+    im2col read from the image's stride phases), are one im2col GEMM per
+    group over the whole batch ("folded"); other kernels
     are lowered along the width only and finished with one matmul per
     kernel row over row-shifted views (MEC, Cho & Brand, ICML 2017), chunk
     by chunk of the batch so the lowered block stays in cache;
@@ -575,11 +576,11 @@ def _pointwise_backward_weight(gy, x, g):
 # images go in blocks whose cols fit in FOLD_BYTES, and the threads take
 # fixed runs of those blocks when their GEMMs are large (THREADED_GEMM_MACS,
 # below: disjoint rows of y and gx; gW's partial sums added in order). On
-# larger maps MEC is faster: cols is R times its
-# lowered block. The stem is the exception (``_stem_like``): 3 channels, so
-# MEC's products have 21 rows, and its strided im2col is read from the
-# image's stride phases (``_im2col_by_phases``). Its forward and weight
-# gradient took, folded so against MEC, alternating in one process:
+# larger maps MEC is faster: cols is R times its lowered block. The stem is
+# the exception (``_stem_like``): 3 channels, so MEC's products have 21
+# rows, and its strided im2col is read from the image's stride phases
+# (``_im2col_by_phases``). Its forward and weight gradient took, folded so
+# against MEC, alternating in one process:
 # 25 against 38 ms at batch 32, 64x64; 117 against 138 ms at batch 16,
 # 224x224; with the demo's 16 outputs (batch 32, 48x48) 8.2 against 6.1 ms,
 # and with 32 outputs 8.7 against 7.0 (hence STEM_MIN_OUT_CHANNELS).
