@@ -50,7 +50,7 @@ def _step_outputs():
     x = rng.standard_normal((4, 64, 14, 14)).astype(np.float32)
     gy = rng.standard_normal((4, 64, 14, 14)).astype(np.float32)
     W = rng.standard_normal((64, 2, 3, 3)).astype(np.float32)
-    gamma, beta = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    gamma, beta = (rng.standard_normal(64).astype(np.float32) for _ in range(2))
     out = []
     for stride in (1, 2):
         y = conv.conv2d_forward(x, W, (stride, stride), (1, 1), 32)
@@ -150,6 +150,7 @@ def _input(kind):
 
 
 @pytest.mark.parametrize("arch, kind, steps", [("resnext_mini", "nchw", 2),
+                                               ("resnext_mini", "cnhw", 2),  # the demo's
                                                ("resnext50_32x4d", "cnhw", 1)])
 def test_a_training_step_is_the_same_with_one_thread_and_two(monkeypatch, arch, kind, steps):
     from minitorch_gx.optim import SGD
@@ -168,6 +169,43 @@ def test_a_training_step_is_the_same_with_one_thread_and_two(monkeypatch, arch, 
             opt.step()
         params[count] = [p.data.copy() for p in model.parameters()]
     assert all(a.tobytes() == b.tobytes() for a, b in zip(params["1"], params["2"]))
+
+
+_STEP_DIGEST = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import minitorch_gx as mt
+from minitorch_gx import functional as F
+from minitorch_gx.optim import SGD
+from resnext.model import build_model
+from resnext.transforms import normalize
+x = normalize(np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+labels = np.random.default_rng(3).integers(0, 10, 4)
+model = build_model("resnext_mini", 10, seed=0).train()
+opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+for _ in range(2):
+    opt.zero_grad()
+    F.cross_entropy(model(mt.Tensor(x)), labels, 0.1).backward()
+    opt.step()
+print(hashlib.sha256(b"".join(p.data.tobytes() for p in model.parameters())).hexdigest())
+"""
+
+
+def test_retaining_freed_memory_changes_no_bit_of_a_training_run():
+    """The README says the demo's result does not depend on memory retention:
+    two steps in fresh processes, retention on and off, the same parameters."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = {}
+    for retain in ("1", "0"):
+        env = dict(os.environ, MINITORCH_GX_RETAIN_MEMORY=retain)
+        digests[retain] = subprocess.run([sys.executable, "-c", _STEP_DIGEST, root], env=env,
+                                         capture_output=True, text=True,
+                                         check=True).stdout.split()[-1]
+    assert len(digests["1"]) == 64 and digests["1"] == digests["0"]
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")

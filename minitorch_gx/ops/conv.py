@@ -12,10 +12,10 @@ from gy, x), each choosing one of three implementations with
     convolutions on CNHW maps of 7x7 or less with >= 8 outputs per group,
     strided ones onto maps of 14x14 or less with >= 16, and the stem (its
     im2col read from the image's stride phases), are one im2col GEMM per
-    group over the whole batch ("folded"); other kernels
-    are lowered along the width only and finished with one matmul per
-    kernel row over row-shifted views (MEC, Cho & Brand, ICML 2017), chunk
-    by chunk of the batch so the lowered block stays in cache;
+    group over the whole batch ("folded"); other kernels are lowered along
+    the width only and finished with one matmul per kernel row over
+    row-shifted views (MEC, Cho & Brand, ICML 2017), chunk by chunk of the
+    batch so the lowered block stays in cache;
   - the CUDA kernels, through their launchers in ``minitorch_gx.cuda.conv``
     (``kernels/grouped_conv.cu``, ``kernels/grouped_conv_bwd_weight.cu``).
 """
@@ -440,10 +440,7 @@ def _lower(x, g, low):
         dst = low[:, :, s, f]                            # (n, C, H2, Q)
         if h1 > h0 and q1 > q0:
             dst[:, :, h0:h1, q0:q1] = x[:, :, rows, cols]
-        dst[:, :, :h0] = 0
-        dst[:, :, h1:] = 0
-        dst[:, :, h0:h1, :q0] = 0
-        dst[:, :, h0:h1, q1:] = 0
+        _zero_outside(dst, h0, h1, q0, q1)
 
 
 def _shifts_along_rows(x, g):
@@ -725,8 +722,8 @@ def _im2col_by_shifts(x_mem, g, cols):
 
 
 def _im2col_by_phases(x_mem, g, cols):
-    """_im2col_block for strided convolutions: the block's padded image split
-    once into its sh * sw stride phases,
+    """_im2col_block for the stem's kind of convolution (``_stem_like``): the
+    block's padded image split once into its sh * sw stride phases,
       phases[c, a, b, m, i, j] = x[m, c, i * sh + a - ph, j * sw + b - pw]   (0 outside),
     from which tap (r, s) is a plain copy of rows, phase (r % sh, s % sw)
     from row r // sh and column s // sw on. Copying every sh-th pixel per

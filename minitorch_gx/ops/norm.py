@@ -311,7 +311,8 @@ class _CNHW(_NCHW):
                             if self.n % j == 0 and j * self.length >= self.PIECE), self.n)
 
     def matrix(self, a):
-        return cuda_device.stored(cuda_device.in_layout(a, True), True).reshape(self.c, self.m)  # (C, N*L)
+        memory = cuda_device.stored(cuda_device.in_layout(a, True), True)  # (C, N, H, W)
+        return memory.reshape(self.c, self.m)                               # (C, N*L)
 
     def new(self, dtype, xp):
         return xp.empty((self.c, self.m), dtype)
@@ -336,7 +337,7 @@ class _CNHW(_NCHW):
 
     def array(self, a2):
         n, c = self.shape[:2]
-        return a2.reshape((c, n) + tuple(self.shape[2:])).transpose(1, 0, 2, 3)
+        return cuda_device.stored(a2.reshape((c, n) + tuple(self.shape[2:])), True)
 
 
 def _layout(x):
