@@ -10,9 +10,9 @@ from gy, x), each choosing one of three implementations with
     layout train.py's activations take, as on the GPU): 1x1 convolutions are
     matmuls over channels, on CNHW one GEMM over the whole batch; grouped
     convolutions on CNHW maps of 7x7 or less with >= 8 outputs per group,
-    strided ones onto maps of 14x14 or less with >= 16, and the stem (its
-    im2col read from the image's stride phases), are one im2col GEMM per
-    group over the whole batch ("folded"); other kernels are lowered along
+    the strided ones, and the stem, are one im2col GEMM per group over the
+    whole batch ("folded"; a strided im2col is read from x's stride phases,
+    each tap one shifted copy); other kernels are lowered along
     the width only and finished with one matmul per kernel row over
     row-shifted views (MEC, Cho & Brand, ICML 2017), chunk by chunk of the
     batch so the lowered block stays in cache;
@@ -573,24 +573,32 @@ def _pointwise_backward_weight(gy, x, g):
 # images go in blocks whose cols fit in FOLD_BYTES, and the threads take
 # fixed runs of those blocks when their GEMMs are large (THREADED_GEMM_MACS,
 # below: disjoint rows of y and gx; gW's partial sums added in order). On
-# larger maps MEC is faster: cols is R times its lowered block. The stem is
-# the exception (``_stem_like``): 3 channels, so MEC's products have 21
-# rows, and its strided im2col is read from the image's stride phases
-# (``_im2col_by_phases``). Its forward and weight gradient took, folded so
-# against MEC, alternating in one process:
-# 25 against 38 ms at batch 32, 64x64; 117 against 138 ms at batch 16,
-# 224x224; with the demo's 16 outputs (batch 32, 48x48) 8.2 against 6.1 ms,
-# and with 32 outputs 8.7 against 7.0 (hence STEM_MIN_OUT_CHANNELS).
-# (The strided im2col of old, every other pixel copied per tap, took 184 ms
-# against MEC's 102 at 224x224.) Strided grouped convolutions fold onto maps
-# of up to 14x14 with >= 16 outputs per group; forward, input and weight
-# gradients, ms, folded against MEC (bench_conv.py's shapes, both split over
-# the threads, as they were before THREADED_GEMM_MACS):
-#   batch 32, 64x64, layer3's first (8x8 -> 4x4): 5.6/8.7/5.5 against 6.5/9.5/7.7;
-#   batch 16, 224x224, layer4's first (14x14 -> 7x7): 13.3/19.2/13.7 against
-#   15.7/25.6/21.7, layer3's first (28x28 -> 14x14): 14.8/24.7/18.4 against 18.6/29.2/16.3;
-#   but layer2's first at 64x64 (16x16 -> 8x8, 8 per group) 7.7/10.8/7.2 against
-#   6.5/11.2/6.1, and stride-1 maps of 8x8 to 28x28 all run faster with MEC.
+# larger maps MEC is faster: cols is R times its lowered block. Strided
+# kernels are the exception: MEC's strided copies and its gradient's strided
+# adds ran 8 elements at a time on 8x8 outputs. When x splits into stride
+# phases of the output's size (``_tiles``: even maps), cols is read from
+# those phases, each tap one long shifted copy (``_im2col_by_shifts``), and
+# the input gradient goes back the same way (``_col2im_by_shifts``).
+# Forward + input gradient + weight gradient of ResNeXt's strided grouped
+# convs, ms, folded so against MEC, the two alternating in one process
+# (medians of 9 at 64x64, of 5 at 224x224, in one of this VM's slow hours):
+#   batch 32, 64x64:  layer2's first (16x16 -> 8x8, 8 per group) 27.6 against 38.7,
+#     layer3's first 21.1 against 37.8, layer4's first 18.1 against 45.1;
+#   batch 16, 224x224: layer2's first (56x56 -> 28x28) 102 against 162,
+#     layer3's first 54 against 85, layer4's first 58 against 101.
+# In whole steps (per-op timers, the tree before against this one) the
+# grouped convolutions of a batch-32 64x64 step took 261 against 305 ms.
+# Strided kernels on odd maps fold (copying every other pixel per tap) only
+# with >= 16 outputs per group onto maps of at most 14x14, where that was
+# measured faster: layer3's first at 64x64, before the phases, 5.6/8.7/5.5
+# against MEC's 6.5/9.5/7.7 ms. The stem (``_stem_like``) also folds on its
+# phases: 3 channels, so MEC's products have 21 rows; folded (on padded
+# phases, whose windows took as long as these shifts) against MEC, its
+# forward and weight gradient took 25 against 38 ms at batch 32, 64x64 and
+# 117 against 138 ms at batch 16, 224x224; with the demo's 16 outputs
+# (batch 32, 48x48) 8.2 against 6.1 ms, and with 32 outputs 8.7 against 7.0
+# (hence STEM_MIN_OUT_CHANNELS). Stride-1 maps of 8x8 to 28x28 run faster
+# with MEC.
 # Whole resnext50 training steps on this repository's 2-core machine,
 # alternating the setting in one process (measured while the stem was folded
 # too, before OpenBLAS ran on one thread inside blocks):
@@ -599,7 +607,7 @@ def _pointwise_backward_weight(gy, x, g):
 FOLD_BYTES = 4 << 20
 FOLD_MIN_OUT_CHANNELS = 8   # thinner GEMMs gain nothing from the fold (layer1: 4)
 FOLD_MAX_PIXELS = 49        # fold on input maps of at most 7x7
-FOLD_STRIDED_MIN_OUT_CHANNELS = 16  # strided grouped convs fold with >= 16 outputs per group
+FOLD_STRIDED_MIN_OUT_CHANNELS = 16  # strided convs on odd maps fold with >= 16 outputs per group
 FOLD_STRIDED_MAX_OUT_PIXELS = 196   # and outputs of at most 14x14
 STEM_MAX_CHANNELS = 16              # C * sh * sw of a strided one-group conv (the stem: 12)
 STEM_MIN_OUT_CHANNELS = 64          # the stem's 64; the demo's 16 run faster with MEC
@@ -607,11 +615,13 @@ STEM_MIN_OUT_CHANNELS = 64          # the stem's 64; the demo's 16 run faster wi
 
 def _folds(x, g):
     """Whether the convolution runs folded: CNHW memory, and small maps with
-    >= 8 outputs per group, strided kernels with >= 16 outputs per group onto
-    maps of at most 14x14, or the stem's kind of kernel (``_stem_like``)."""
+    >= 8 outputs per group, strided grouped kernels whose input splits into
+    phases of the output's size (``_tiles``) or with >= 16 outputs per group
+    onto maps of at most 14x14, or the stem's kind of kernel (``_stem_like``)."""
     strided = (g.sh, g.sw) != (1, 1)
     return _is_cnhw(x) and (
         g.oCg >= FOLD_MIN_OUT_CHANNELS and g.H * g.W <= FOLD_MAX_PIXELS
+        or strided and g.G > 1 and _tiles(g)
         or strided and g.oCg >= FOLD_STRIDED_MIN_OUT_CHANNELS
         and g.P * g.Q <= FOLD_STRIDED_MAX_OUT_PIXELS
         or _stem_like(g))
@@ -619,9 +629,10 @@ def _folds(x, g):
 
 def _stem_like(g):
     """A strided kernel over few channels in one group: few channels even
-    once split into their stride phases (``_im2col_by_phases``), and enough
-    outputs for the GEMM to outweigh cols, R * S times MEC's lowered block."""
-    return (g.G == 1 and (g.sh, g.sw) != (1, 1) and g.R * g.S > 1
+    once split into their stride phases, an image that splits into them
+    (``_tiles``), and enough outputs for the GEMM to outweigh cols, R * S
+    times MEC's lowered block."""
+    return (g.G == 1 and (g.sh, g.sw) != (1, 1) and g.R * g.S > 1 and _tiles(g)
             and g.C * g.sh * g.sw <= STEM_MAX_CHANNELS
             and g.K >= STEM_MIN_OUT_CHANNELS)
 
@@ -661,10 +672,8 @@ def _taps(g):
 
 def _im2col_block(x_mem, g, cols):
     """cols (c, R, S, m, P, Q) from x_mem (c, m, H, W), a block of x's CNHW memory."""
-    if g.sh == g.sw == 1 and (g.P, g.Q) == (g.H, g.W):
+    if _tiles(g):
         return _im2col_by_shifts(x_mem, g, cols)
-    if _stem_like(g):
-        return _im2col_by_phases(x_mem, g, cols)
     for r, s, (p0, p1, q0, q1), (rows, cols_x) in _taps(g):
         if p1 > p0 and q1 > q0:
             cols[:, r, s, :, p0:p1, q0:q1] = x_mem[:, :, rows, cols_x]
@@ -704,54 +713,98 @@ def _zero_outside_taps(cols, g):
             cols[:, :, s, :, :, q1:] = 0
 
 
+def _tiles(g):
+    """Whether x splits into its sh * sw stride phases, each exactly the
+    output's size (H = P * sh and W = Q * sw: ResNeXt's 3x3 convolutions,
+    stride 1 or 2, and its stem, on maps of even size). Then
+      phase[a, b][n, i, j] = x[n, i * sh + a, j * sw + b]
+    and tap (r, s) reads one phase moved by whole rows and columns: output
+    (p, q) reads input row p * sh + r - ph = (p + di) * sh + a, with
+    (di, a) = divmod(r - ph, sh), so phase a's row p + di (and likewise
+    column q + dj of phase b); outside the phase is outside the image."""
+    return g.H == g.P * g.sh and g.W == g.Q * g.sw
+
+
+def _shifted_taps(g):
+    """For each tap (r, s): the phase (a, b) it reads and its shift in that
+    phase's flattened (n, i, j) index, di * Q + dj (see ``_tiles``)."""
+    for r in range(g.R):
+        di, a = divmod(r - g.ph, g.sh)
+        for s in range(g.S):
+            dj, b = divmod(s - g.pw, g.sw)
+            yield r, s, (a, b), di * g.Q + dj
+
+
+def _phase_view(a_mem, g):
+    """a_mem (c, m, H, W), a block of CNHW memory, as its stride phases
+    (c, sh, sw, m, P, Q): a strided view (``_tiles`` must hold)."""
+    c, m = a_mem.shape[:2]
+    return _view_as(a_mem, (c, m, g.P, g.sh, g.Q, g.sw)).transpose(0, 3, 5, 1, 2, 4)
+
+
+def _shift_ranges(shift, length):
+    """The positions [lo, hi) of a flat row whose position + shift is in [0, length)."""
+    return max(0, -shift), length - max(0, shift)
+
+
 def _im2col_by_shifts(x_mem, g, cols):
-    """_im2col_block for stride-1 "same" convolutions: tap (r, s) is each
-    channel's row of images (m*H*W values) shifted by (r - ph) * W + s - pw,
-    one long copy; what the shift carried across a row's or an image's edge
-    lies outside the image and is zeroed after. Copies of the 4- to 16-wide
-    rows of small maps would cost several times more."""
+    """_im2col_block when ``_tiles`` holds: x split once into its stride
+    phases (a stride-1 convolution's one phase is x itself), then tap (r, s)
+    is its phase's row of m*P*Q values shifted by di * Q + dj: one long copy.
+    What the shift carried across a row's or an image's edge lies outside
+    the image and is zeroed after. Copies of the 4- to 16-wide rows of
+    small maps, tap by tap, cost several times more (the stem's 49 taps, a
+    strided grouped conv's 9 of every other pixel)."""
+    xp = backend.get_array_module(x_mem)
     c, m = x_mem.shape[:2]
-    src = _view_as(x_mem, (c, m * g.H * g.W))
-    length = src.shape[1]
-    for r, s, _, _ in _taps(g):
-        flat = _view_as(cols[:, r, s], (c, length))          # (c, m*P*Q)
-        shift = (r - g.ph) * g.W + (s - g.pw)                # dst position j reads src j + shift
-        lo, hi = max(0, -shift), length - max(0, shift)
-        flat[:, lo:hi] = src[:, lo + shift:hi + shift]  # (the rest lies outside: zeroed below)
+    length = m * g.P * g.Q
+    if g.sh == g.sw == 1:
+        phases = _view_as(x_mem, (c, 1, 1, length))
+    else:
+        phases = _scratch("phases", (c, g.sh, g.sw, m, g.P, g.Q), x_mem.dtype, xp)
+        phases[...] = _phase_view(x_mem, g)
+        phases = phases.reshape(c, g.sh, g.sw, length)             # (c, sh, sw, m*P*Q)
+    for r, s, (a, b), shift in _shifted_taps(g):
+        flat = _view_as(cols[:, r, s], (c, length))               # (c, m*P*Q)
+        lo, hi = _shift_ranges(shift, length)  # (the rest lies outside: zeroed below)
+        flat[:, lo:hi] = phases[:, a, b, lo + shift:hi + shift]
     _zero_outside_taps(cols, g)
 
 
-def _im2col_by_phases(x_mem, g, cols):
-    """_im2col_block for the stem's kind of convolution (``_stem_like``): the
-    block's padded image split once into its sh * sw stride phases,
-      phases[c, a, b, m, i, j] = x[m, c, i * sh + a - ph, j * sw + b - pw]   (0 outside),
-    from which tap (r, s) is a plain copy of rows, phase (r % sh, s % sw)
-    from row r // sh and column s // sw on. Copying every sh-th pixel per
-    tap and zeroing the padding per tap cost several times more (the stem:
-    49 taps of a stride-2 7x7 kernel)."""
-    xp = backend.get_array_module(x_mem)
-    c, m = x_mem.shape[:2]
-    H2, W2 = g.P + (g.R - 1) // g.sh, g.Q + (g.S - 1) // g.sw
-    phases = _scratch("phases", (c, g.sh, g.sw, m, H2, W2), x_mem.dtype, xp)
-    for a in range(g.sh):
-        i0, i1, rows = _valid(H2, a - g.ph, g.sh, g.H)
-        for b in range(g.sw):
-            j0, j1, cols_x = _valid(W2, b - g.pw, g.sw, g.W)
-            dst = phases[:, a, b]                                # (c, m, H2, W2)
-            if i1 > i0 and j1 > j0:
-                dst[:, :, i0:i1, j0:j1] = x_mem[:, :, rows, cols_x]
-            _zero_outside(dst, i0, i1, j0, j1)
-    for r in range(g.R):
-        for s in range(g.S):
-            i, j = r // g.sh, s // g.sw
-            cols[:, r, s] = phases[:, r % g.sh, s % g.sw, :, i:i + g.P, j:j + g.Q]
-
-
-def _col2im_add_block(gcols, g, gx_mem):
-    """The adjoint of _im2col_block: add gcols (c, R, S, m, P, Q) into gx_mem (c, m, H, W)."""
+def _col2im_block(gcols, g, gx_mem):
+    """The adjoint of _im2col_block: gx_mem (c, m, H, W) = every gcols
+    (c, R, S, m, P, Q) entry added back where it was read from (gx_mem's
+    old values are overwritten; gcols is clobbered)."""
+    if _tiles(g):
+        return _col2im_by_shifts(gcols, g, gx_mem)
+    gx_mem[...] = 0
     for r, s, (p0, p1, q0, q1), (rows, cols_x) in _taps(g):
         if p1 > p0 and q1 > q0:
             gx_mem[:, :, rows, cols_x] += gcols[:, r, s, :, p0:p1, q0:q1]
+
+
+def _col2im_by_shifts(gcols, g, gx_mem):
+    """_col2im_block when ``_tiles`` holds, the adjoint of _im2col_by_shifts:
+    gcols' entries outside the image zeroed (so that what a shift carries
+    across an edge adds nothing), each tap added into its phase with one long
+    shifted add, the phases then put back in place (stride 1: gx itself)."""
+    xp = backend.get_array_module(gcols)
+    _zero_outside_taps(gcols, g)
+    c, m = gx_mem.shape[:2]
+    length = m * g.P * g.Q
+    if g.sh == g.sw == 1:
+        phases = _view_as(gx_mem, (c, 1, 1, length))
+    else:
+        phases = _scratch("phases", (c, g.sh, g.sw, length), gcols.dtype, xp)
+    phases[...] = 0
+    for r, s, (a, b), shift in _shifted_taps(g):
+        lo, hi = _shift_ranges(shift, length)
+        phases[:, a, b, lo + shift:hi + shift] += _view_as(gcols[:, r, s], (c, length))[:, lo:hi]
+    if (g.sh, g.sw) != (1, 1):  # phase by phase: as one copy NumPy ran 2-wide inner loops
+        gx_phases, phases = _phase_view(gx_mem, g), phases.reshape(c, g.sh, g.sw, m, g.P, g.Q)
+        for a in range(g.sh):
+            for b in range(g.sw):
+                gx_phases[:, a, b] = phases[:, a, b]
 
 
 def _group_rows(a_mem, G):
@@ -781,7 +834,7 @@ def _folded_backward_data(gy, W, g):
     xp = backend.get_array_module(gy)
     Wg_t = W.reshape(g.G, g.oCg, g.iCg * g.R * g.S).transpose(0, 2, 1)  # (G, iCg*R*S, oCg)
     gy_rows = _group_rows(_stored(gy, True), g.G)                 # (G, oCg, N, P*Q)
-    gx = new_in_layout(xp, (g.N, g.C, g.H, g.W), gy.dtype, True, zeros=True)
+    gx = new_in_layout(xp, (g.N, g.C, g.H, g.W), gy.dtype, True)  # every block writes its own
     gx_mem = _stored(gx, True)                                     # (C, N, H, W)
 
     def block(g0, g1, n0, m):
@@ -789,7 +842,7 @@ def _folded_backward_data(gy, W, g):
         gy_block = _view_as(gy_rows[g0:g1, :, n0:n0 + m], (g1 - g0, g.oCg, m * g.P * g.Q))
         xp.matmul(Wg_t[g0:g1], gy_block,
                   out=gcols.reshape(g1 - g0, g.iCg * g.R * g.S, m * g.P * g.Q))
-        _col2im_add_block(gcols, g, gx_mem[g0 * g.iCg:g1 * g.iCg, n0:n0 + m])
+        _col2im_block(gcols, g, gx_mem[g0 * g.iCg:g1 * g.iCg, n0:n0 + m])
 
     _folded_blocks(block, g, gy.dtype.itemsize)
     return gx

@@ -570,7 +570,9 @@ def test_the_fast_path_keeps_cnhw_memory_and_gives_the_nchw_results(case):
 
 @pytest.mark.parametrize("fold_bytes", [1, 20000, conv.FOLD_BYTES])
 @pytest.mark.parametrize("case", [(3, 16, 7, 6, 16, 2, 3, 3, 1, 1),    # 8 per group
-                                  (5, 64, 9, 9, 64, 8, 3, 3, 2, 1),    # stride 2
+                                  (5, 64, 9, 9, 64, 8, 3, 3, 2, 1),    # stride 2, per tap
+                                  (4, 64, 8, 10, 64, 8, 3, 3, 2, 1),   # stride 2, on phases
+                                  (2, 24, 6, 5, 48, 3, 3, 3, (2, 1), (1, 1)),
                                   (2, 24, 6, 5, 48, 3, 3, 2, (2, 1), (1, 0))], ids=_case_id)
 def test_the_folded_grouped_conv_equals_the_reference_in_every_blocking(monkeypatch, case,
                                                                        fold_bytes):
@@ -596,15 +598,15 @@ def test_the_folded_grouped_conv_equals_the_reference_in_every_blocking(monkeypa
 
 
 @pytest.mark.parametrize("fold_bytes", [1, 20000, conv.FOLD_BYTES])
-@pytest.mark.parametrize("case", [(3, 3, 17, 15, 8, 1, 7, 7, 2, 3),        # the stem, odd sizes
-                                  (2, 2, 9, 10, 5, 1, 3, 4, (2, 3), (1, 2)),
+@pytest.mark.parametrize("case", [(3, 3, 16, 14, 8, 1, 7, 7, 2, 3),        # the stem
+                                  (2, 2, 8, 9, 5, 1, 3, 4, (2, 3), (1, 1)),
                                   (2, 4, 8, 8, 6, 1, 2, 2, 2, 0),          # no padding
-                                  (2, 1, 11, 7, 3, 1, 5, 3, (3, 2), (2, 0))], ids=_case_id)
+                                  (2, 1, 12, 8, 3, 1, 5, 3, (3, 2), (2, 1))], ids=_case_id)
 def test_the_stems_kind_of_conv_runs_on_stride_phases_equal_to_the_reference(monkeypatch, case,
                                                                              fold_bytes):
     """A strided kernel over few channels in one group is folded, its im2col
-    read from the padded image's stride phases; the blocks of images (one
-    each at fold_bytes=1) change nothing but the order of work."""
+    read from the image's stride phases by shifted copies; the blocks of
+    images (one each at fold_bytes=1) change nothing but the order of work."""
     monkeypatch.setattr(conv, "FOLD_BYTES", fold_bytes)
     monkeypatch.setattr(conv, "STEM_MIN_OUT_CHANNELS", 1)  # these have few outputs
     x, W, gy, _ = _conv_data(case, numpy.float64, 7)
@@ -612,7 +614,8 @@ def test_the_stems_kind_of_conv_runs_on_stride_phases_equal_to_the_reference(mon
     x_c = cnhw(x, numpy.array)
     x_c = x_c if cuda_device.is_cnhw(x_c) else x  # one channel: CNHW memory is NCHW memory
     geometry = conv._Geometry(x.shape, W.shape, stride, padding, 1)
-    assert conv._stem_like(geometry) and conv._folds(x_c, geometry) == cuda_device.is_cnhw(x_c)
+    assert conv._tiles(geometry) and conv._stem_like(geometry)
+    assert conv._folds(x_c, geometry) == cuda_device.is_cnhw(x_c)
     got = (conv._forward_fast(x_c, W, stride, padding, 1),
            conv._backward_weight_fast(cnhw(gy, numpy.array), x_c, W.shape, stride, padding, 1))
     expected = (naive_conv2d(x, W, None, _pair(stride), _pair(padding), 1),
@@ -621,25 +624,50 @@ def test_the_stems_kind_of_conv_runs_on_stride_phases_equal_to_the_reference(mon
         assert_close(a, b, 1e-10, scaled(b, 1e-12), f"stem-like {case} {name}")
 
 
+@pytest.mark.parametrize("x_shape, W_shape, stride, padding, tiles", [
+    ((2, 3, 64, 64), (64, 3, 7, 7), 2, 3, True),     # the stem: 32x32 phases, 32x32 outputs
+    ((2, 3, 65, 64), (64, 3, 7, 7), 2, 3, False),    # an odd height: 33 rows out of 65
+    ((2, 256, 16, 16), (256, 8, 3, 3), 2, 1, True),  # layer2's first at 64x64
+    ((2, 256, 15, 15), (256, 8, 3, 3), 2, 1, False),
+    ((2, 64, 9, 7), (64, 8, 3, 3), 1, 1, True),      # stride 1, "same": x is its one phase
+    ((2, 64, 9, 7), (64, 8, 3, 3), 1, 0, False),     # "valid": 7x5 out of 9x7
+    ((2, 64, 8, 8), (64, 8, 2, 2), 2, 0, True)])
+def test_which_convolutions_split_into_phases_of_the_outputs_size(x_shape, W_shape, stride,
+                                                                  padding, tiles):
+    g = conv._Geometry(x_shape, W_shape, stride, padding, x_shape[1] // W_shape[1])
+    assert conv._tiles(g) == tiles
+    assert conv._stem_like(g) == (tiles and x_shape[1] == 3)  # an odd stem runs MEC
+
+
 @pytest.mark.parametrize("case", [(3, 16, 4, 4, 16, 2, 3, 3, 1, 1),     # shifted copies
                                   (2, 16, 5, 6, 32, 2, 3, 3, 2, 1),     # strided taps
+                                  (2, 16, 6, 8, 32, 2, 3, 3, 2, 1),     # strided phases
                                   (2, 24, 6, 5, 48, 3, 3, 2, (2, 1), (1, 0)),
-                                  (2, 3, 13, 11, 64, 1, 7, 7, 2, 3),    # the stem's phases
+                                  (2, 3, 14, 12, 64, 1, 7, 7, 2, 3),    # the stem's phases
                                   (2, 8, 9, 9, 8, 2, 3, 3, 1, 1)],      # MEC
                          ids=_case_id)
 def test_every_scratch_value_a_convolution_reads_was_written_first(monkeypatch, case):
     """The lowered blocks and cols live in reused, uninitialised buffers,
-    and their padding is zeroed by fix-ups: hand out buffers full of NaN and
-    the result still equals the reference (a value read unwritten shows)."""
-    real = conv._scratch
+    and their padding is zeroed by fix-ups; the folded input gradient starts
+    uninitialised too, each block writing its own part: hand out buffers and
+    outputs full of NaN and the result still equals the reference (a value
+    read unwritten, or an output left unwritten, shows)."""
+    real, real_new = conv._scratch, conv.new_in_layout
 
     def poisoned(name, shape, dtype, xp):
         buf = real(name, shape, dtype, xp)
         buf[...] = numpy.nan
         return buf
 
+    def poisoned_new(xp, shape, dtype, cnhw, zeros=False):
+        a = real_new(xp, shape, dtype, cnhw, zeros)
+        if not zeros:
+            a[...] = numpy.nan
+        return a
+
     monkeypatch.setattr(conv, "_scratch", poisoned)
-    monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 30)  # the first two cases fold, the last not
+    monkeypatch.setattr(conv, "new_in_layout", poisoned_new)
+    monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 30)  # every case but the last folds
     x, W, gy, _ = _conv_data(case, numpy.float64, 8)
     g, stride, padding = case[5], case[8], case[9]
     xc, gyc = cnhw(x, numpy.array), cnhw(gy, numpy.array)
@@ -665,11 +693,16 @@ def test_every_scratch_value_a_convolution_reads_was_written_first(monkeypatch, 
     ((2, 512, 14, 14), (512, 16, 3, 3), 32, 1, False),   # layer3 at 224x224: MEC
     ((2, 512, 8, 8), (512, 16, 3, 3), 32, 2, True),      # layer3's first at 64x64: onto 4x4
     ((2, 512, 28, 28), (512, 16, 3, 3), 32, 2, True),    # and at 224x224: onto 14x14
-    ((2, 256, 16, 16), (256, 8, 3, 3), 32, 2, False),    # layer2's first: 8 per group, MEC
-    ((2, 512, 30, 30), (512, 16, 3, 3), 32, 2, False),   # onto 15x15: MEC
+    ((2, 256, 16, 16), (256, 8, 3, 3), 32, 2, True),     # layer2's first: on its phases
+    ((2, 256, 56, 56), (256, 8, 3, 3), 32, 2, True),     # and at 224x224
+    ((2, 256, 15, 15), (256, 8, 3, 3), 32, 2, False),    # 8 per group, odd: MEC
+    ((2, 512, 30, 30), (512, 16, 3, 3), 32, 2, True),    # onto 15x15, on its phases
+    ((2, 512, 29, 29), (512, 16, 3, 3), 32, 2, False),   # onto 15x15, odd: MEC
+    ((2, 512, 27, 27), (512, 16, 3, 3), 32, 2, True),    # onto 14x14, odd, 16 per group
+    ((2, 8, 32, 32), (8, 8, 3, 3), 1, 2, False),         # one group of 8 outputs: MEC
     ((2, 128, 2, 2), (128, 4, 3, 3), 32, 1, False)])     # 4 outputs per group: MEC
 def test_which_convolutions_run_folded(x_shape, W_shape, groups, stride, folds):
-    g = conv._Geometry(x_shape, W_shape, stride, 1, groups)
+    g = conv._Geometry(x_shape, W_shape, stride, W_shape[2] // 2, groups)  # ResNeXt's padding
     x = numpy.zeros(x_shape, numpy.float32)
     assert conv._folds(cnhw(x, numpy.array), g) == folds
     assert not conv._folds(x, g)  # NCHW memory never folds
