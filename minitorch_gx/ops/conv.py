@@ -219,7 +219,7 @@ def conv2d_backward_weight(gy, x, W_shape, stride, padding, groups, out=None):
     """gW (K, C/groups, R, S) from gy (N, K, P, Q) and x. ``out``: zeros of
     gW's shape to put it in (and return), e.g. W's own gradient array."""
     impl = backend.choose(gy, reference=_written_into(conv2d_backward_weight_reference),
-                          fast=_written_into(_backward_weight_fast),
+                          fast=_backward_weight_fast,  # (a 1x1's GEMM writes into out itself)
                           kernel=cuda_conv.conv2d_backward_weight)  # accumulates into out itself
     return impl(gy, x, W_shape, stride, padding, groups, out=out)
 
@@ -545,20 +545,29 @@ def _pointwise_backward_data(gy, W, g):
     return _scatter_pixels(gxs, (g.N, g.C, g.H, g.W), (g.sh, g.sw))     # in gxs's layout
 
 
-def _pointwise_backward_weight(gy, x, g):
+def _pointwise_backward_weight(gy, x, g, out=None):
+    """gW (K, iCg, 1, 1); with ``out`` (gW's shape) the one GEMM writes into
+    it, the gradient array itself, rather than into a temporary then copied."""
     xp = backend.get_array_module(gy)
     xs = x[:, :, ::g.sh, ::g.sw]                                        # (N, C, P, Q), a view
     # NCHW: summing per-image products goes through an (N, K, iCg)
     # temporary; folding the batch into the pixel axis copies gy and x
     # instead. Take the smaller of the two. CNHW folds without a copy.
+    into = out is not None and out.flags.c_contiguous  # then out's (G, oCg, iCg) is a view
     if _is_cnhw(x) or g.K * g.iCg > (g.K + g.C) * g.P * g.Q:
-        gW = xp.matmul(_channel_matrix(gy, g.G),
-                       _channel_matrix(xs, g.G).transpose(0, 2, 1))     # (G, oCg, iCg)
+        gW = xp.matmul(_channel_matrix(gy, g.G), _channel_matrix(xs, g.G).transpose(0, 2, 1),
+                       out=out.reshape(g.G, g.oCg, g.iCg) if into else None)  # (G, oCg, iCg)
+        if into:
+            return out
     else:
         x_g = xs.reshape(g.N, g.G, g.iCg, g.P * g.Q)                    # (N, G, iCg, P*Q)
         gy_g = gy.reshape(g.N, g.G, g.oCg, g.P * g.Q)                   # (N, G, oCg, P*Q)
         gW = xp.matmul(gy_g, x_g.transpose(0, 1, 3, 2)).sum(axis=0)     # (G, oCg, iCg)
-    return gW.reshape(g.K, g.iCg, 1, 1)                     # (K, iCg, 1, 1)
+    gW = gW.reshape(g.K, g.iCg, 1, 1)                                   # (K, iCg, 1, 1)
+    if out is None:
+        return gW
+    out[...] = gW
+    return out
 
 
 # Convolutions on CNHW memory, the batch folded into each GEMM. The MEC
@@ -932,13 +941,17 @@ def _backward_data_fast(gy, W, x_shape, stride, padding, groups):
     return gx
 
 
-def _backward_weight_fast(gy, x, W_shape, stride, padding, groups):
+def _backward_weight_fast(gy, x, W_shape, stride, padding, groups, out=None):
     x = _own_layout(x)
     gy = _in_layout(gy, _is_cnhw(x))  # gy in x's layout, NCHW or CNHW
-    xp = backend.get_array_module(gy)
     g = _Geometry(x.shape, W_shape, stride, padding, groups)
     if g.is_pointwise():
-        return _pointwise_backward_weight(gy, x, g)
+        return _pointwise_backward_weight(gy, x, g, out)
+    return _written_into(_lowered_backward_weight)(gy, x, g, out=out)
+
+
+def _lowered_backward_weight(gy, x, g):
+    xp = backend.get_array_module(gy)
     if _folds(x, g):
         return _folded_backward_weight(gy, x, g)
     gy_g = _view_as(gy, (g.N, g.G, g.oCg, g.P * g.Q))                   # (N, G, oCg, P*Q)

@@ -794,3 +794,37 @@ def test_lowering_by_row_shifts_equals_the_windowed_lowering(shape, kernel, padd
         general[:, :, s, f] = 0
         general[:, :, s, f, h0:h1, q0:q1] = x[:, :, rows, cols]
     numpy.testing.assert_array_equal(fast, general)
+
+
+@pytest.mark.parametrize("layout, stride", [("cnhw", 1), ("cnhw", 2), ("nchw", 1)])
+def test_a_1x1_weight_gradient_is_written_into_the_array_it_is_given(monkeypatch, layout,
+                                                                     stride):
+    """On the NumPy path the one GEMM of a CNHW 1x1 weight gradient writes
+    into ``out`` itself (the parameter's gradient array: no temporary and no
+    copy after); every path returns ``out`` holding the reference's values,
+    also for an ``out`` that is not contiguous."""
+    rng = numpy.random.default_rng(11)
+    x, W = _random((3, 8, 6, 4), rng), _random((12, 4, 1, 1), rng)
+    y_shape = (3, 12, 6 // stride, 4 // stride)
+    gy = _random(y_shape, rng)
+    expected = conv.conv2d_backward_weight_reference(gy, x, W.shape, stride, 0, 2)
+    as_layout = (lambda a: cnhw(a, numpy.array)) if layout == "cnhw" else (lambda a: a)
+    outs, real = [], numpy.matmul
+
+    def spy(*args, **kwargs):
+        outs.append(kwargs.get("out"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numpy, "matmul", spy)
+    out = numpy.zeros(W.shape)
+    got = conv.conv2d_backward_weight(as_layout(gy), as_layout(x), W.shape, stride, 0, 2, out=out)
+    assert got is out
+    assert_close(out, expected, 1e-12, scaled(expected, 1e-12), f"{layout} gW into out")
+    if layout == "cnhw":
+        assert len(outs) == 1 and numpy.shares_memory(outs[0], out)
+    strided = numpy.zeros(W.shape[::-1]).T  # W's shape, Fortran order
+    assert not strided.flags.c_contiguous
+    got = conv.conv2d_backward_weight(as_layout(gy), as_layout(x), W.shape, stride, 0, 2,
+                                      out=strided)
+    assert got is strided
+    assert_close(strided, expected, 1e-12, scaled(expected, 1e-12), f"{layout} gW into a view")
