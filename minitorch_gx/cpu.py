@@ -246,6 +246,16 @@ def relu_into(a):
     return numpy.maximum(a, zeros[:length], out=a)
 
 
+def relu_gradient_into(out, gy, y):
+    """out = gy where y > 0, else gy * 0 (so -0 for a negative gy, NaN kept:
+    the bits of ``gy * (y > 0)``), NumPy arrays of one float dtype; out may
+    be y itself. The mask is written into out as 1.0 and 0.0 and multiplied
+    there: a product with the bool array runs NumPy's casting loop (629
+    against 400 us for 1M float32 here)."""
+    numpy.greater(y, 0, out=out, casting="unsafe")
+    return numpy.multiply(out, gy, out=out)
+
+
 def flat_memory(*arrays):
     """1-D views of arrays of one shape and one memory layout (each a
     permutation of a C-contiguous array: NCHW, CNHW ...), in memory order;

@@ -287,6 +287,24 @@ def test_relu_into_is_maximum_with_zero_to_the_bit(dtype):
         assert cpu.relu_into(c.copy()).tobytes() == np.maximum(c, 0).tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_gradient_into_gives_the_bits_of_gy_times_the_mask(dtype):
+    """Also for a negative gy masked (-0), NaN and infinite gy and y, -0 and
+    subnormal y, and with out being y itself (the batch-norm backward's use)."""
+    rng = np.random.default_rng(6)
+    gy = rng.standard_normal(40).astype(dtype)
+    y = np.maximum(rng.standard_normal(40), 0).astype(dtype)
+    tiny = np.finfo(dtype).smallest_subnormal
+    gy[:8] = [np.nan, np.inf, -np.inf, -1.5, np.nan, 2.0, -3.0, 0.5]
+    y[:8] = [0.0, 0.0, 1.0, 0.0, 2.0, np.nan, -0.0, tiny]
+    with np.errstate(invalid="ignore"):  # inf * 0, masked: NaN on both sides
+        expected = (gy * (y > 0)).tobytes()
+        out = np.empty_like(gy)
+        assert cpu.relu_gradient_into(out, gy, y) is out and out.tobytes() == expected
+        y_in_place = y.copy()
+        assert cpu.relu_gradient_into(y_in_place, gy, y_in_place).tobytes() == expected
+
+
 @pytest.mark.skipif(cpu._blas_threads is None, reason="NumPy's BLAS is not an OpenBLAS found here")
 def test_callers_on_several_threads_give_openblas_its_threads_back(monkeypatch):
     import threading

@@ -131,7 +131,7 @@ def _add_relu_forward_fast(a, b):
 
 def _relu_backward_fast(gy, y):
     """gy where y > 0, else 0, over the threads (``cpu.elementwise``)."""
-    gx = cpu.elementwise_new(lambda gy, y, gx: numpy.multiply(gy, y > 0, out=gx), gy, y)
+    gx = cpu.elementwise_new(lambda gy, y, gx: cpu.relu_gradient_into(gx, gy, y), gy, y)
     return gx if gx is not None else relu_backward_reference(gy, y)
 
 

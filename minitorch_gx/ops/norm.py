@@ -362,7 +362,7 @@ def _masked(lay, gy2, d, gamma, beta, invstd, relu):
     if not relu:
         return gy2
     y = _affine_fast(lay, d, gamma, beta, invstd)
-    return backend.get_array_module(y).multiply(gy2, y > 0, out=y)  # into y's memory
+    return cpu.relu_gradient_into(y, gy2, y)  # into y's memory (a NumPy array: the NumPy path)
 
 
 # CNHW channels are passed over a few at a time, as many as fit in about
@@ -433,7 +433,7 @@ def _backward_fast(gy, x, gamma, beta, mean, invstd, relu, ggamma_out=None, gbet
                         out=lay.block(gx2, c0, c1))  # x - mean, in gx's memory; becomes gx
         gys = lay.block(gy2, c0, c1)
         if y2 is not None:  # the forward's y: y > 0 is the mask it applied
-            g = xp.multiply(gys, lay.block(y2, c0, c1) > 0)
+            g = cpu.relu_gradient_into(xp.empty_like(gys), gys, lay.block(y2, c0, c1))
         else:
             g = _masked(lay, gys, d, gamma[c0:c1], beta[c0:c1], invstd[c0:c1], relu)
         gb = lay.sum(g)
