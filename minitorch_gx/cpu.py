@@ -10,7 +10,7 @@ and a resnext50_32x4d step at batch 16 spent 2.5 to 5 s of its 7 to 9 in the
 kernel on ~100,000 page faults. ``retain_freed_memory()`` asks glibc to keep
 freed memory for reuse instead (``mallopt``: no per-block mappings, no
 trimming), as the caching allocators of GPU frameworks do: after the first
-step a batch-16 step faults 5 or 6 pages (about 88,300 without), and the
+step a batch-16 step faults 3 to 6 pages (83,000 to 88,300 without), and the
 process's peak memory is about the one it reached anyway (+1.8%).
 ``import minitorch_gx`` calls it on glibc systems unless
 ``MINITORCH_GX_RETAIN_MEMORY=0``; elsewhere it does nothing. It changes no

@@ -546,15 +546,16 @@ def _pointwise_backward_data(gy, W, g):
 
 
 def _pointwise_backward_weight(gy, x, g, out=None):
-    """gW (K, iCg, 1, 1); with ``out`` (gW's shape) the one GEMM writes into
-    it, the gradient array itself, rather than into a temporary then copied."""
+    """gW (K, iCg, 1, 1). Given ``out`` (gW's shape, contiguous), the one
+    GEMM over the batch writes into it, the gradient array itself, and out is
+    returned; otherwise a new array (the caller copies it into out)."""
     xp = backend.get_array_module(gy)
     xs = x[:, :, ::g.sh, ::g.sw]                                        # (N, C, P, Q), a view
     # NCHW: summing per-image products goes through an (N, K, iCg)
     # temporary; folding the batch into the pixel axis copies gy and x
     # instead. Take the smaller of the two. CNHW folds without a copy.
-    into = out is not None and out.flags.c_contiguous  # then out's (G, oCg, iCg) is a view
     if _is_cnhw(x) or g.K * g.iCg > (g.K + g.C) * g.P * g.Q:
+        into = out is not None and out.flags.c_contiguous  # then its (G, oCg, iCg) is a view
         gW = xp.matmul(_channel_matrix(gy, g.G), _channel_matrix(xs, g.G).transpose(0, 2, 1),
                        out=out.reshape(g.G, g.oCg, g.iCg) if into else None)  # (G, oCg, iCg)
         if into:
@@ -563,11 +564,7 @@ def _pointwise_backward_weight(gy, x, g, out=None):
         x_g = xs.reshape(g.N, g.G, g.iCg, g.P * g.Q)                    # (N, G, iCg, P*Q)
         gy_g = gy.reshape(g.N, g.G, g.oCg, g.P * g.Q)                   # (N, G, oCg, P*Q)
         gW = xp.matmul(gy_g, x_g.transpose(0, 1, 3, 2)).sum(axis=0)     # (G, oCg, iCg)
-    gW = gW.reshape(g.K, g.iCg, 1, 1)                                   # (K, iCg, 1, 1)
-    if out is None:
-        return gW
-    out[...] = gW
-    return out
+    return gW.reshape(g.K, g.iCg, 1, 1)                                 # (K, iCg, 1, 1)
 
 
 # Convolutions on CNHW memory, the batch folded into each GEMM. The MEC
@@ -592,7 +589,8 @@ def _pointwise_backward_weight(gy, x, g, out=None):
 # convs, ms, folded so against MEC, the two alternating in one process
 # (medians of 9 at 64x64, of 5 at 224x224, in one of this VM's slow hours):
 #   batch 32, 64x64:  layer2's first (16x16 -> 8x8, 8 per group) 27.6 against 38.7,
-#     layer3's first 21.1 against 37.8, layer4's first 18.1 against 45.1;
+#     layer3's first 21.1 against 37.8, layer4's first 18.1 against 45.1 (in
+#     another hour 28.2 against 32.4, 15.3 against 25.7, 15.0 against 36.5);
 #   batch 16, 224x224: layer2's first (56x56 -> 28x28) 102 against 162,
 #     layer3's first 54 against 85, layer4's first 58 against 101.
 # In whole steps (per-op timers, the tree before against this one) the
@@ -751,6 +749,17 @@ def _phase_view(a_mem, g):
     return _view_as(a_mem, (c, m, g.P, g.sh, g.Q, g.sw)).transpose(0, 3, 5, 1, 2, 4)
 
 
+def _phase_rows(a_mem, g, dtype):
+    """Room for the stride phases of a_mem (c, m, H, W) as (c, sh, sw, m*P*Q)
+    rows: a_mem itself for stride 1 (its one phase), else a scratch buffer
+    (filled or read back by the caller through ``_phase_view``)."""
+    c, m = a_mem.shape[:2]
+    if g.sh == g.sw == 1:
+        return _view_as(a_mem, (c, 1, 1, m * g.P * g.Q))
+    xp = backend.get_array_module(a_mem)
+    return _scratch("phases", (c, g.sh, g.sw, m * g.P * g.Q), dtype, xp)
+
+
 def _shift_ranges(shift, length):
     """The positions [lo, hi) of a flat row whose position + shift is in [0, length)."""
     return max(0, -shift), length - max(0, shift)
@@ -764,15 +773,11 @@ def _im2col_by_shifts(x_mem, g, cols):
     the image and is zeroed after. Copies of the 4- to 16-wide rows of
     small maps, tap by tap, cost several times more (the stem's 49 taps, a
     strided grouped conv's 9 of every other pixel)."""
-    xp = backend.get_array_module(x_mem)
     c, m = x_mem.shape[:2]
     length = m * g.P * g.Q
-    if g.sh == g.sw == 1:
-        phases = _view_as(x_mem, (c, 1, 1, length))
-    else:
-        phases = _scratch("phases", (c, g.sh, g.sw, m, g.P, g.Q), x_mem.dtype, xp)
-        phases[...] = _phase_view(x_mem, g)
-        phases = phases.reshape(c, g.sh, g.sw, length)             # (c, sh, sw, m*P*Q)
+    phases = _phase_rows(x_mem, g, x_mem.dtype)                    # (c, sh, sw, m*P*Q)
+    if (g.sh, g.sw) != (1, 1):  # one copy (its destination contiguous: long inner loops)
+        phases.reshape(c, g.sh, g.sw, m, g.P, g.Q)[...] = _phase_view(x_mem, g)
     for r, s, (a, b), shift in _shifted_taps(g):
         flat = _view_as(cols[:, r, s], (c, length))               # (c, m*P*Q)
         lo, hi = _shift_ranges(shift, length)  # (the rest lies outside: zeroed below)
@@ -797,14 +802,10 @@ def _col2im_by_shifts(gcols, g, gx_mem):
     gcols' entries outside the image zeroed (so that what a shift carries
     across an edge adds nothing), each tap added into its phase with one long
     shifted add, the phases then put back in place (stride 1: gx itself)."""
-    xp = backend.get_array_module(gcols)
     _zero_outside_taps(gcols, g)
     c, m = gx_mem.shape[:2]
     length = m * g.P * g.Q
-    if g.sh == g.sw == 1:
-        phases = _view_as(gx_mem, (c, 1, 1, length))
-    else:
-        phases = _scratch("phases", (c, g.sh, g.sw, length), gcols.dtype, xp)
+    phases = _phase_rows(gx_mem, g, gcols.dtype)                   # (c, sh, sw, m*P*Q)
     phases[...] = 0
     for r, s, (a, b), shift in _shifted_taps(g):
         lo, hi = _shift_ranges(shift, length)
@@ -946,8 +947,13 @@ def _backward_weight_fast(gy, x, W_shape, stride, padding, groups, out=None):
     gy = _in_layout(gy, _is_cnhw(x))  # gy in x's layout, NCHW or CNHW
     g = _Geometry(x.shape, W_shape, stride, padding, groups)
     if g.is_pointwise():
-        return _pointwise_backward_weight(gy, x, g, out)
-    return _written_into(_lowered_backward_weight)(gy, x, g, out=out)
+        gW = _pointwise_backward_weight(gy, x, g, out)
+    else:
+        gW = _lowered_backward_weight(gy, x, g)
+    if out is None or gW is out:
+        return gW
+    out[...] = gW
+    return out
 
 
 def _lowered_backward_weight(gy, x, g):
