@@ -11,7 +11,9 @@ the same steps on the same input (float32, TF32 off on the GPU so both sides
 do float32 arithmetic; ``--tf32`` turns it on for both: our cuBLAS GEMMs,
 PyTorch's cuBLAS and cuDNN) and the ratio ours/PyTorch is printed. Our step
 is train.py's: the uint8 batch is normalised on the device each step (on a
-GPU into the CNHW memory the rest of the step keeps).
+GPU into the CNHW memory the rest of the step keeps), and on the CPU the
+steps run inside ``minitorch_gx.cpu.cores_awake()`` as train.py's loop does
+(``MINITORCH_GX_KEEP_AWAKE=0`` turns that off).
 
 On the CPU, PyTorch runs twice: in its own process, as its users run it
 (glibc's default malloc, which hands large freed blocks back to the kernel),
@@ -32,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import minitorch_gx as mt  # noqa: E402  (before NumPy, as train.py: see minitorch_gx/cpu.py)
 import numpy  # noqa: E402
-from minitorch_gx import backend  # noqa: E402
+from minitorch_gx import backend, cpu  # noqa: E402
 from minitorch_gx.functional import cross_entropy  # noqa: E402
 from minitorch_gx.optim import SGD  # noqa: E402
 from resnext.model import build_model  # noqa: E402
@@ -70,8 +72,10 @@ def bench_ours(args, images_host, labels_host):
         loss.backward()
         opt.step()
 
-    sync = (lambda: xp.cuda.Device().synchronize()) if args.device == "gpu" else (lambda: None)
-    return time_steps(step, args.warmup, args.steps, sync)
+    if args.device == "gpu":
+        return time_steps(step, args.warmup, args.steps, xp.cuda.Device().synchronize)
+    with cpu.cores_awake():  # as train.py's loop runs (minitorch_gx/cpu.py)
+        return time_steps(step, args.warmup, args.steps)
 
 
 def bench_torch(args, images_host, labels_host):

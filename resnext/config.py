@@ -212,10 +212,11 @@ def _common_problems(args):
     path = args.checkpoint_file_path
     if path is not None and not os.path.exists(path):
         p.append(f"--checkpoint_file_path {path}: no such file or folder")
-    try:  # the NumPy path's thread count, from the environment (minitorch_gx/cpu.py)
-        cpu.threads()
-    except ValueError as e:
-        p.append(str(e))
+    for setting in (cpu.threads, cpu.keep_awake_enabled):  # from the environment (minitorch_gx/cpu.py)
+        try:
+            setting()
+        except ValueError as e:
+            p.append(str(e))
     return p
 
 

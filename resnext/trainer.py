@@ -13,6 +13,7 @@ on disk is always one that resumes. A step reads nothing back from the
 device: its loss and flags are read every ``read_interval()`` steps (each step
 on a CPU, each --log_interval on a GPU), where those decisions are taken.
 """
+import contextlib
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import time
 import numpy
 
 import minitorch_gx as mt
-from minitorch_gx import backend, distributed
+from minitorch_gx import backend, cpu, distributed
 from minitorch_gx.cuda.prefetch import DevicePrefetcher
 from minitorch_gx.functional import cross_entropy
 from minitorch_gx.ops.loss import check_labels
@@ -335,8 +336,10 @@ class Run:
         return 1 if self.device == "cpu" else self.args.log_interval
 
     def fit(self):
+        # on the CPU, the cores kept from halting between the step's bursts (minitorch_gx/cpu.py)
+        awake = cpu.cores_awake() if self.device == "cpu" else contextlib.nullcontext()
         try:
-            with StopSignals() as self.stops:
+            with StopSignals() as self.stops, awake:
                 return self._fit()
         finally:
             if self.tensorboard is not None:

@@ -323,3 +323,103 @@ def test_callers_on_several_threads_give_openblas_its_threads_back(monkeypatch):
     for t in callers:
         t.join()
     assert set(seen) == {1} and get() == 2
+
+
+def _keepers():
+    import threading
+    return [t for t in threading.enumerate() if t.name == "minitorch_gx-awake" and t.is_alive()]
+
+
+needs_spinlock = pytest.mark.skipif(
+    cpu._spinlock_calls() is None or not hasattr(__import__("os"), "SCHED_IDLE"),
+    reason="keepers need glibc's pthread_spin_lock and SCHED_IDLE (Linux)")
+
+
+@needs_spinlock
+def test_cores_awake_spins_idle_priority_keepers_until_the_outermost_with_ends(monkeypatch):
+    import os
+    import time
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    monkeypatch.delenv("MINITORCH_GX_KEEP_AWAKE", raising=False)
+    assert _keepers() == []
+    with cpu.cores_awake() as outer:
+        assert outer.started and len(_keepers()) == 2
+        deadline = time.monotonic() + 5
+        while not all(os.sched_getscheduler(t.native_id) == os.SCHED_IDLE for t in _keepers()):
+            assert time.monotonic() < deadline, "keepers never reached SCHED_IDLE"
+            time.sleep(0.01)
+        # they spin: the process gains CPU time while this thread sleeps
+        before = sum(os.times()[:2])
+        time.sleep(0.5)
+        assert sum(os.times()[:2]) - before > 0.1
+        with cpu.cores_awake() as inner:
+            assert inner.started
+        assert len(_keepers()) == 2  # the inner with's end stops nothing
+    assert _keepers() == []
+    before = sum(os.times()[:2])
+    time.sleep(0.3)
+    assert sum(os.times()[:2]) - before < 0.1  # nothing spins after
+
+
+@pytest.mark.parametrize("setting", [{"MINITORCH_GX_KEEP_AWAKE": "0"},
+                                     {"MINITORCH_GX_THREADS": "1"}])
+def test_cores_awake_starts_nothing_when_off_or_with_one_thread(monkeypatch, setting):
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    with cpu.cores_awake() as awake:
+        assert not awake.started and _keepers() == []
+
+
+def test_a_bad_keep_awake_setting_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("MINITORCH_GX_KEEP_AWAKE", "yes")
+    with pytest.raises(ValueError, match="MINITORCH_GX_KEEP_AWAKE='yes'"):
+        cpu.keep_awake_enabled()
+
+
+@needs_spinlock
+def test_a_keeper_that_cannot_lower_its_priority_does_not_spin(monkeypatch):
+    import os
+    import time
+
+    def refuse(*args):
+        raise PermissionError("no SCHED_IDLE here")
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    with cpu.cores_awake():
+        deadline = time.monotonic() + 5
+        while _keepers():  # each returns at once instead of spinning at normal priority
+            assert time.monotonic() < deadline, "a keeper spins at normal priority"
+            time.sleep(0.01)
+    assert _keepers() == []
+
+
+@needs_spinlock
+def test_keeping_the_cores_awake_changes_no_bit(monkeypatch):
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)  # every pass split: hand-offs
+    monkeypatch.setattr(conv, "THREADED_GEMM_MACS", 0)
+    asleep = _step_outputs()
+    with cpu.cores_awake() as awake:
+        assert awake.started
+        awake_outputs = _step_outputs()
+    for i, (a, b) in enumerate(zip(awake_outputs, asleep)):
+        assert a.tobytes() == b.tobytes(), f"output {i} differs with the keepers"
+
+
+@needs_spinlock
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_child_forked_inside_cores_awake_has_no_keepers_to_stop(monkeypatch):
+    import os
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    with cpu.cores_awake():
+        pid = os.fork()
+        if pid == 0:  # the child: its own with starts keepers of its own, and ends them
+            try:
+                with cpu.cores_awake() as child:
+                    ok = child.started and len(_keepers()) == 2
+                os._exit(0 if ok and _keepers() == [] else 1)
+            finally:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

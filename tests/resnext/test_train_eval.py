@@ -113,14 +113,53 @@ def test_eval_of_missing_checkpoint_is_one_clear_line(data, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
-def test_a_bad_thread_count_is_one_clear_line_before_any_work(tmp_path, script, monkeypatch):
-    monkeypatch.setenv("MINITORCH_GX_THREADS", "two")
+@pytest.mark.parametrize("name, value, line", [
+    ("MINITORCH_GX_THREADS", "two", "MINITORCH_GX_THREADS='two' is not a whole number of threads"),
+    ("MINITORCH_GX_KEEP_AWAKE", "yes",
+     "MINITORCH_GX_KEEP_AWAKE='yes': use 1 (keep the cores awake) or 0")])
+def test_a_bad_cpu_setting_is_one_clear_line_before_any_work(tmp_path, script, monkeypatch,
+                                                             name, value, line):
+    monkeypatch.setenv(name, value)
     r = run_script(script, "--synthetic" if script == "train.py" else "--device_target", *(
         ["--output_path", str(tmp_path / "out")] if script == "train.py" else ["CPU"]))
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [
-        "error: MINITORCH_GX_THREADS='two' is not a whole number of threads"], r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {line}"], r.stderr
     assert not (tmp_path / "out").exists()  # no run folder made
+
+
+def test_cpu_training_and_evaluation_run_with_the_cores_awake(data, tmp_path, monkeypatch,
+                                                             capsys):
+    """train.py's and eval.py's CPU loops run inside cpu.cores_awake
+    (minitorch_gx/cpu.py), which ends with them."""
+    from minitorch_gx import cpu
+    from resnext import evaluate
+    inside, seen = [0], {"step": [], "eval": []}
+
+    class Spy(cpu.cores_awake):
+        def __enter__(self):
+            inside[0] += 1
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            inside[0] -= 1
+            return super().__exit__(*exc)
+
+    def watch(name, fn):
+        def watched(*args, **kwargs):
+            seen[name].append(inside[0])
+            return fn(*args, **kwargs)
+        return watched
+    monkeypatch.setattr(cpu, "cores_awake", Spy)
+    monkeypatch.setattr(trainer.Run, "step", watch("step", trainer.Run.step))
+    monkeypatch.setattr(evaluate, "normalize", watch("eval", evaluate.normalize))
+    out = tmp_path / "out"
+    assert trainer.main(["--data_path", str(data / "train"), "--output_path", str(out),
+                         "--max_epoch", "1"] + TINY) == 0
+    assert seen["step"] == [1] * 7 and inside[0] == 0
+    assert eval_main(["--data_path", str(data / "val"), "--checkpoint_file_path",
+                      os.path.join(only_run(out), "ckpt_0"), "--num_workers", "0",
+                      "--device_target", "CPU"]) == 0
+    assert seen["eval"] and set(seen["eval"]) == {1} and inside[0] == 0
 
 
 def test_gpu_without_a_gpu_is_a_clear_error(tmp_path):
