@@ -281,7 +281,8 @@ class cores_awake:
     def __exit__(self, *exc):
         cls = cores_awake
         with cls._lock:
-            cls._users -= 1
+            # (a forked child leaving its parent's with finds 0: _forget_keepers_in_child)
+            cls._users = max(0, cls._users - 1)
             if cls._users == 0 and cls._keepers:
                 _spinlock_calls()[2](ctypes.byref(cls._spin))  # unlock: every keeper returns
                 for t in cls._keepers:

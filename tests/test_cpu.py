@@ -412,12 +412,16 @@ def test_keeping_the_cores_awake_changes_no_bit(monkeypatch):
 def test_a_child_forked_inside_cores_awake_has_no_keepers_to_stop(monkeypatch):
     import os
     monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
-    with cpu.cores_awake():
+    with cpu.cores_awake() as awake:
         pid = os.fork()
         if pid == 0:  # the child: its own with starts keepers of its own, and ends them
             try:
                 with cpu.cores_awake() as child:
                     ok = child.started and len(_keepers()) == 2
+                ok = ok and _keepers() == []
+                awake.__exit__(None, None, None)  # leaving the parent's with, inherited
+                with cpu.cores_awake() as again:  # still counts from zero
+                    ok = ok and again.started
                 os._exit(0 if ok and _keepers() == [] else 1)
             finally:
                 os._exit(2)
