@@ -212,7 +212,8 @@ def _common_problems(args):
     path = args.checkpoint_file_path
     if path is not None and not os.path.exists(path):
         p.append(f"--checkpoint_file_path {path}: no such file or folder")
-    for setting in (cpu.threads, cpu.keep_awake_enabled):  # from the environment (minitorch_gx/cpu.py)
+    # the NumPy path's settings from the environment (minitorch_gx/cpu.py)
+    for setting in (cpu.threads, cpu.keep_awake_enabled):
         try:
             setting()
         except ValueError as e:

@@ -106,7 +106,8 @@ def evaluate(model, loader, xp, group):
     loss_sum = 0.0
     start = time.perf_counter()
     # overflow to inf / NaN is reported as the count of non-finite rows, not as warnings
-    awake = cpu.cores_awake() if xp is numpy else contextlib.nullcontext()  # see minitorch_gx/cpu.py
+    # on the CPU, the cores kept from halting between batches' bursts (minitorch_gx/cpu.py)
+    awake = cpu.cores_awake() if xp is numpy else contextlib.nullcontext()
     with mt.no_grad(), numpy.errstate(over="ignore", invalid="ignore"), awake:
         for images, labels in loader:
             keep = labels != IGNORE  # rows of unreadable images are not scored

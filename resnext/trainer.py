@@ -252,7 +252,8 @@ class Run:
     def _write_checkpoint(self, epoch_index, batches_done, best=False):
         """Write the checkpoint; return the NonFiniteError that refused it, or None."""
         meta = {"epoch_index": epoch_index, "batches_done": batches_done,
-                "global_step": self.scheduler.last_step + 1, "scheduler": self.scheduler.state_dict(),
+                "global_step": self.scheduler.last_step + 1,
+                "scheduler": self.scheduler.state_dict(),
                 "arch": self.args.arch, "num_classes": self.num_classes,
                 "image_size": self.args.image_size, "demo": self.args.demo, "best": self.best,
                 "settings": {k: v for k, v in vars(self.args).items()

@@ -109,7 +109,8 @@ def test_eval_of_missing_checkpoint_is_one_clear_line(data, tmp_path):
     r = run_script("eval.py", "--data_path", str(data / "val"), "--device_target", "CPU",
                    "--checkpoint_file_path", str(tmp_path / "none.ckpt"))
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [f"error: --checkpoint_file_path {tmp_path / 'none.ckpt'}: no such file or folder"]
+    assert r.stderr.strip().splitlines() == [
+        f"error: --checkpoint_file_path {tmp_path / 'none.ckpt'}: no such file or folder"]
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
