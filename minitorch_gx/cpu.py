@@ -66,8 +66,8 @@ eval.py's and bench_train.py's steps run inside it on the CPU;
 ``MINITORCH_GX_KEEP_AWAKE=0`` turns it off. A keeper that cannot lower its
 priority does not spin. It changes no bit of a result (tested). Whole
 training steps, keepers on and off in alternate ABBA rounds in one process:
-at batch 32, 64x64 1091 against 1347 ms (8 of 10 rounds faster) and 1055
-against 1089 ms (8 of 12) in two hours; at batch 16, 224x224, whose passes
+at batch 32, 64x64 1091 against 1347 ms (8 of 10 rounds faster), 1055
+against 1089 ms (8 of 12) and 913 against 996 ms (10 of 12) in three runs; at batch 16, 224x224, whose passes
 are long enough to repay a wake-up, 4146 against 4137 ms (no difference).
 """
 import concurrent.futures
