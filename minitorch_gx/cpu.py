@@ -51,24 +51,25 @@ so ``import minitorch_gx`` sets it only when NumPy is not imported yet
 over a value already in the environment.
 
 Waking. A core with nothing to run halts, and on this VM waking a halted
-core (a pool thread handed a block, OpenBLAS's threads at the next GEMM, a
-thread taking the GIL back) cost 0.1 to 0.8 ms: a 2M-element multiply split
-over two threads took 0.6 to 1.0 ms against 0.35 to 0.55 on one, and 0.18
-to 0.35 with the cores kept busy (benchmarks/bench_cores_awake.py).
-``cores_awake()`` keeps them busy for as long as it is entered: one keeper
-thread per thread of ``threads()`` spins in glibc's ``pthread_spin_lock``
-(no GIL held) at SCHED_IDLE, the priority the kernel gives only what no
-other thread wants, so a thread that wakes takes its core at once, and no
-thread of this or another process waits for a keeper. It is the active wait
-of OpenMP runtimes (OMP_WAIT_POLICY), kept below every other thread; the
-cost is that the cores show as busy while it lasts. train.py's loop,
+core (for a pool thread handed a block, for OpenBLAS's threads at the next
+GEMM) cost 0.1 to 0.8 ms: a 2M-element multiply split over two threads
+took 0.6 to 1.0 ms against 0.35 to 0.55 on one, and 0.18 to 0.35 with the
+cores kept busy (benchmarks/bench_cores_awake.py). ``cores_awake()`` keeps
+them busy for as long as it is entered: one keeper thread per thread of
+``threads()`` spins in glibc's ``pthread_spin_lock`` (no GIL held) at
+SCHED_IDLE, the policy the kernel runs only when nothing else wants the
+core (its weight is 3 against a normal thread's 1024), so a thread that
+wakes takes its core at once. It is the active wait of OpenMP runtimes
+(OMP_WAIT_POLICY), kept below every other thread of this or any process;
+the cost is that the cores show as busy while it lasts. train.py's loop,
 eval.py's and bench_train.py's steps run inside it on the CPU;
 ``MINITORCH_GX_KEEP_AWAKE=0`` turns it off. A keeper that cannot lower its
 priority does not spin. It changes no bit of a result (tested). Whole
 training steps, keepers on and off in alternate ABBA rounds in one process:
 at batch 32, 64x64 1091 against 1347 ms (8 of 10 rounds faster), 1055
-against 1089 ms (8 of 12) and 913 against 996 ms (10 of 12) in three runs; at batch 16, 224x224, whose passes
-are long enough to repay a wake-up, 4146 against 4137 ms (no difference).
+against 1089 ms (8 of 12) and 913 against 996 ms (10 of 12) in three runs;
+at batch 16, 224x224, whose passes are long enough to repay a wake-up,
+4146 against 4137 ms (no difference).
 """
 import concurrent.futures
 import contextlib
