@@ -14,6 +14,7 @@ keepers act on: one element-wise pass of 2M float32, on one thread and
 split over two (``cpu.run_blocks``), with the keepers on and off.
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -54,17 +55,9 @@ def passes(reps=41):
         cpu.run_blocks(block, n, min_rows=1, gemms=False)
 
     for awake in (False, True):
-        with cpu.cores_awake() if awake else _Asleep():
+        with cpu.cores_awake() if awake else contextlib.nullcontext():
             print(f"2M-element multiply, keepers {'on ' if awake else 'off'}: "
                   f"one thread {median_ms(one, reps):.3f} ms, two {median_ms(two, reps):.3f} ms")
-
-
-class _Asleep:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def steps(args):
@@ -85,7 +78,7 @@ def steps(args):
     times = {True: [], False: []}
     for r in range(args.rounds):
         for awake in ((True, False) if r % 2 == 0 else (False, True)):
-            with cpu.cores_awake() if awake else _Asleep():
+            with cpu.cores_awake() if awake else contextlib.nullcontext():
                 step()
                 t0 = time.perf_counter()
                 step()
@@ -106,7 +99,11 @@ def main():
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--passes-only", action="store_true")
     args = p.parse_args()
-    if cpu.threads() < 2 or not cpu.keep_awake_enabled():
+    try:
+        usable = cpu.threads() >= 2 and cpu.keep_awake_enabled()
+    except ValueError as e:  # a bad MINITORCH_GX_THREADS or MINITORCH_GX_KEEP_AWAKE
+        sys.exit(f"error: {e}")
+    if not usable:
         sys.exit("error: the keepers need 2 or more threads and MINITORCH_GX_KEEP_AWAKE unset or 1")
     with cpu.cores_awake() as probe:
         if not probe.started:

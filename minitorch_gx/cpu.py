@@ -54,7 +54,8 @@ Waking. A core with nothing to run halts, and on this VM waking a halted
 core (for a pool thread handed a block, for OpenBLAS's threads at the next
 GEMM) cost 0.1 to 0.8 ms: a 2M-element multiply split over two threads
 took 0.6 to 1.0 ms against 0.35 to 0.55 on one, and 0.18 to 0.35 with the
-cores kept busy (benchmarks/bench_cores_awake.py). ``cores_awake()`` keeps
+cores kept busy (benchmarks/bench_cores_awake.py; in a calm hour 0.20 to
+0.26 against 0.22 on one, and 0.16 to 0.17 kept busy). ``cores_awake()`` keeps
 them busy for as long as it is entered: one keeper thread per thread of
 ``threads()`` spins in glibc's ``pthread_spin_lock`` (no GIL held) at
 SCHED_IDLE, the policy the kernel runs only when nothing else wants the
@@ -67,7 +68,8 @@ eval.py's and bench_train.py's steps run inside it on the CPU;
 priority does not spin. It changes no bit of a result (tested). Whole
 training steps, keepers on and off in alternate ABBA rounds in one process:
 at batch 32, 64x64 1091 against 1347 ms (8 of 10 rounds faster), 1055
-against 1089 ms (8 of 12) and 913 against 996 ms (10 of 12) in three runs;
+against 1089 ms (8 of 12), 913 against 996 ms (10 of 12) and, in a calm
+hour, 782 against 819 ms (8 of 10);
 at batch 16, 224x224, whose passes are long enough to repay a wake-up,
 4146 against 4137 ms (no difference).
 """
@@ -266,13 +268,15 @@ class cores_awake:
     def __enter__(self):
         cls = cores_awake  # (one state for the class and any subclass)
         with cls._lock:
-            if cls._users == 0 and keep_awake_enabled() and threads() > 1 and _spinlock_calls():
-                cls._spin = ctypes.c_int(0)  # a pthread_spinlock_t, held by this thread
-                init, lock, _ = _spinlock_calls()
-                if init(ctypes.byref(cls._spin), 0) == 0 and lock(ctypes.byref(cls._spin)) == 0:
-                    cls._keepers = [threading.Thread(target=_keep_awake, args=(cls._spin,),
+            count, calls = threads(), _spinlock_calls()
+            if cls._users == 0 and keep_awake_enabled() and count > 1 and calls:
+                init, lock, _ = calls
+                spin = ctypes.c_int(0)  # a pthread_spinlock_t, held by this thread
+                if init(ctypes.byref(spin), 0) == 0 and lock(ctypes.byref(spin)) == 0:
+                    cls._spin = spin
+                    cls._keepers = [threading.Thread(target=_keep_awake, args=(spin,),
                                                      name="minitorch_gx-awake", daemon=True)
-                                    for _ in range(threads())]
+                                    for _ in range(count)]
                     for t in cls._keepers:
                         t.start()
             cls._users += 1
