@@ -3,6 +3,7 @@
     python benchmarks/bench_conv.py                    # batch 16, 224x224, with torch if present
     python benchmarks/bench_conv.py --batch 4 --only grouped --no-torch
     python benchmarks/bench_conv.py --batch 32 --size 64 --fold never   # MEC for every grouped conv
+    python benchmarks/bench_conv.py --batch 32 --size 64 --whole-map never  # 2x2 maps folded too
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_conv.py --cpu-time   # on a busy machine
 
 For each shape: forward, backward-data and backward-weight in ms (best of
@@ -16,7 +17,8 @@ says little; --cpu-time measures this process's CPU time on one thread (both
 libraries), which other jobs barely disturb. Inputs are in CNHW memory, as
 train.py's activations are (``--layout nchw`` for the other); ``--fold``
 overrides which convolutions run as one im2col GEMM per group over the batch
-(``minitorch_gx/ops/conv.py``: auto is its rule).
+and ``--whole-map never`` turns off the dense map of whole images on maps no
+larger than the kernel (``minitorch_gx/ops/conv.py``: auto is its rule).
 """
 import argparse
 import os
@@ -110,6 +112,8 @@ def main():
     parser.add_argument("--layout", choices=["cnhw", "nchw"], default="cnhw")
     parser.add_argument("--fold", choices=["auto", "always", "never"], default="auto",
                         help="always: every conv with >= 8 outputs per group folded; never: none")
+    parser.add_argument("--whole-map", choices=["auto", "never"], default="auto",
+                        help="never: maps no larger than the kernel lowered like the others")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time CPU, not wall clock; run with OPENBLAS_NUM_THREADS=1")
     args = parser.parse_args()
@@ -124,13 +128,15 @@ def main():
         ops_conv.FOLD_MAX_PIXELS = 1 << 62
     elif args.fold == "never":
         ops_conv.FOLD_MIN_OUT_CHANNELS = 1 << 62
+    if args.whole_map == "never":
+        ops_conv._whole_map = lambda g: False
     shapes = resnext50_convs(args.size)
     kinds = {"stem": lambda s: s[2] == 3, "grouped": lambda s: s[7] > 1,
              "pointwise": lambda s: s[4] == 1}
     if args.only:
         shapes = [s for s in shapes if kinds[args.only](s)]
     print(f"batch {args.batch}, {args.size}x{args.size}, {numpy.dtype(dtype).name}, "
-          f"{args.layout.upper()} memory, fold {args.fold}, "
+          f"{args.layout.upper()} memory, fold {args.fold}, whole map {args.whole_map}, "
           f"{os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
 

@@ -12,7 +12,10 @@ from gy, x), each choosing one of three implementations with
     convolutions on CNHW maps of 7x7 or less with >= 8 outputs per group,
     the strided ones, and the stem, are one im2col GEMM per group over the
     whole batch ("folded"; a strided im2col is read from x's stride phases,
-    each tap one shifted copy); other kernels are lowered along
+    each tap one shifted copy); on maps of at most half the kernel's taps
+    (3x3 kernels on 2x2 maps) each group's convolution is one dense matrix
+    from a whole image to its outputs, one GEMM per group over the batch
+    with no im2col ("whole map"); other kernels are lowered along
     the width only and finished with one matmul per kernel row over
     row-shifted views (MEC, Cho & Brand, ICML 2017), chunk by chunk of the
     batch so the lowered block stays in cache;
@@ -876,12 +879,119 @@ def _folded_backward_weight(gy, x, g):
     return gW.reshape(g.K, g.iCg, g.R, g.S)
 
 
+# Maps of at most half the kernel's taps (H * W <= R * S / 2: 2x2 maps
+# under 3x3 kernels, layer4's at 64x64; a 1x1 map; a kernel wider than its
+# image). There, per group, a convolution is one dense linear map from an
+# image's iCg*H*W values to its oCg*P*Q outputs,
+#   y[n, (o, p, q)] = sum over (i, h, w) of Wmap[(o, p, q), (i, h, w)] * x[n, (i, h, w)],
+#   Wmap[(o, p, q), (i, h, w)] = W[o, i, r, s] where (h, w) is tap (r, s)
+#                                of output (p, q), else 0,
+# and each direction is one GEMM per group over the batch with no im2col:
+# y rows = x rows @ Wmap^T, gx rows = gy rows @ Wmap, gWmap = gy rows^T @ x
+# rows. Its N*oCg*P*Q*iCg*H*W multiply-adds are H*W / (R*S) of im2col's
+# N*P*Q*oCg*iCg*R*S, and im2col's cost on such maps is not its GEMM but its
+# copies and zero fill-ins, runs of one or two values. Wmap is zeros with
+# each tap's weights written along a diagonal (``_tap_diagonals``), and gW
+# is gWmap summed along the same diagonals. Forward + input gradient +
+# weight gradient, this path against the folded one, alternating in one
+# process inside ``cpu.cores_awake`` (medians of 25, batch 32, CNHW):
+# layer4's 2x2 maps at 64x64 (1024 channels, 32 groups) 7.65 against 12.16
+# ms, faster in 25 of 25. On 3x3 maps (H*W = R*S) it gained nothing: 7.77
+# against 7.19 ms (512 channels, stride 1), 16.90 against 17.11 (1024,
+# stride 2 onto 2x2), 4.77 against 4.18 (the demo's layer4: 256, 8 groups).
+# With few images Wmap outweighs their im2col (K*iCg*P*Q*H*W against
+# N*C*R*S*P*Q values): at batch 4 the 2x2 maps took 2.15 against 1.92 ms.
+def _whole_map(g):
+    """Whether the convolution runs as the dense map of whole images: a
+    kernel other than 1x1 on maps of at most half its taps, whose Wmap is
+    no larger than the batch's im2col (K*iCg*P*Q*H*W <= N*C*R*S*P*Q)."""
+    return (not g.is_pointwise() and 2 * g.H * g.W <= g.R * g.S
+            and g.oCg * g.H * g.W <= g.N * g.R * g.S)
+
+
+def _tap_diagonals(Wmap, g):
+    """For each tap (r, s) some output reads inside the image: (r, s) and
+    the view of Wmap (G, oCg, P, Q, iCg, H, W) holding it, (G, oCg, p, q, iCg)
+    over the outputs (p, q) that read inside, each at the input
+    (h, w) = (p*sh + r - ph, q*sw + s - pw). As (p, q) steps by one, (h, w)
+    steps by (sh, sw): the view runs along a diagonal of Wmap's (P, H) and
+    (Q, W) planes, a strided view NumPy's slicing cannot express, hence
+    as_strided, its strides those of Wmap (in bounds: every (h, w) it
+    reaches is inside the image)."""
+    as_strided = backend.get_array_module(Wmap).lib.stride_tricks.as_strided
+    st = Wmap.strides
+    for r, s, (p0, p1, q0, q1), (rows, cols) in _taps(g):
+        if p1 > p0 and q1 > q0:
+            first = Wmap[:, :, p0, q0, :, rows.start, cols.start]          # (G, oCg, iCg)
+            yield r, s, as_strided(
+                first, (g.G, g.oCg, p1 - p0, q1 - q0, g.iCg),
+                (st[0], st[1], st[2] + g.sh * st[5], st[3] + g.sw * st[6], st[4]))
+
+
+def _image_rows(a, G):
+    """(N, C, H, W) -> (G, N, C/G*H*W): each group's images as rows (a view
+    of NCHW memory, a copy of CNHW memory)."""
+    xp = backend.get_array_module(a)
+    n, c, h, w = a.shape
+    if _is_cnhw(a):
+        rows = _stored(a, True).reshape(G, c // G, n, h * w).transpose(0, 2, 1, 3)
+        return xp.ascontiguousarray(rows).reshape(G, n, c // G * h * w)
+    return xp.ascontiguousarray(a).reshape(n, G, c // G * h * w).transpose(1, 0, 2)
+
+
+def _from_image_rows(rows, shape, cnhw):
+    """rows (G, N, C/G*H*W) -> (N, C, H, W), in CNHW memory when ``cnhw``."""
+    xp = backend.get_array_module(rows)
+    n, c, h, w = shape
+    G = rows.shape[0]
+    a = new_in_layout(xp, shape, rows.dtype, cnhw)
+    if cnhw:
+        _stored(a, True).reshape(G, c // G, n, h * w)[...] = (
+            rows.reshape(G, n, c // G, h * w).transpose(0, 2, 1, 3))
+    else:
+        a.reshape(n, G, c // G * h * w)[...] = rows.transpose(1, 0, 2)
+    return a
+
+
+def _weight_map(W, g):
+    """Wmap (G, oCg*P*Q, iCg*H*W) of W (K, iCg, R, S): zeros, and each tap's
+    weights written along its diagonal."""
+    xp = backend.get_array_module(W)
+    Wmap = xp.zeros((g.G, g.oCg, g.P, g.Q, g.iCg, g.H, g.W), W.dtype)
+    Wg = W.reshape(g.G, g.oCg, g.iCg, g.R, g.S)
+    for r, s, diagonal in _tap_diagonals(Wmap, g):
+        diagonal[...] = Wg[:, :, None, None, :, r, s]   # the same weight at every (p, q)
+    return Wmap.reshape(g.G, g.oCg * g.P * g.Q, g.iCg * g.H * g.W)
+
+
+def _whole_map_forward(x, W, g):
+    y_rows = _image_rows(x, g.G) @ _weight_map(W, g).transpose(0, 2, 1)  # (G, N, oCg*P*Q)
+    return _from_image_rows(y_rows, (g.N, g.K, g.P, g.Q), _is_cnhw(x))
+
+
+def _whole_map_backward_data(gy, W, g):
+    gx_rows = _image_rows(gy, g.G) @ _weight_map(W, g)               # (G, N, iCg*H*W)
+    return _from_image_rows(gx_rows, (g.N, g.C, g.H, g.W), _is_cnhw(gy))
+
+
+def _whole_map_backward_weight(gy, x, g):
+    xp = backend.get_array_module(gy)
+    gWmap = _image_rows(gy, g.G).transpose(0, 2, 1) @ _image_rows(x, g.G)  # (G, oCg*P*Q, iCg*H*W)
+    gWmap = gWmap.reshape(g.G, g.oCg, g.P, g.Q, g.iCg, g.H, g.W)
+    gW = xp.zeros((g.G, g.oCg, g.iCg, g.R, g.S), gy.dtype)  # (a tap no output reads: 0)
+    for r, s, diagonal in _tap_diagonals(gWmap, g):
+        gW[:, :, :, r, s] = diagonal.sum(axis=(2, 3))   # the tap's entries, summed over (p, q)
+    return gW.reshape(g.K, g.iCg, g.R, g.S)
+
+
 def _forward_fast(x, W, stride, padding, groups):
     xp = backend.get_array_module(x)
     x, W = _own_layout(x), xp.ascontiguousarray(W)  # y takes x's layout, NCHW or CNHW
     g = _Geometry(x.shape, W.shape, stride, padding, groups)
     if g.is_pointwise():
         return _pointwise_forward(x, W, g)
+    if _whole_map(g):
+        return _whole_map_forward(x, W, g)
     if _folds(x, g):
         return _folded_forward(x, W, g)
     W_rows = _weight_rows(W, g)                                   # (R, G, oCg, iCg*S)
@@ -916,6 +1026,8 @@ def _backward_data_fast(gy, W, x_shape, stride, padding, groups):
     g = _Geometry(x_shape, W.shape, stride, padding, groups)
     if g.is_pointwise():
         return _pointwise_backward_data(gy, W, g)
+    if _whole_map(g):
+        return _whole_map_backward_data(gy, W, g)
     if _folds(gy, g) and (g.sh, g.sw) != (1, 1):  # (stride 1: the forward below, folded too)
         return _folded_backward_data(gy, W, g)
     if g.sh == g.sw == 1 and g.ph < g.R and g.pw < g.S:
@@ -958,6 +1070,8 @@ def _backward_weight_fast(gy, x, W_shape, stride, padding, groups, out=None):
 
 def _lowered_backward_weight(gy, x, g):
     xp = backend.get_array_module(gy)
+    if _whole_map(g):
+        return _whole_map_backward_weight(gy, x, g)
     if _folds(x, g):
         return _folded_backward_weight(gy, x, g)
     gy_g = _view_as(gy, (g.N, g.G, g.oCg, g.P * g.Q))                   # (N, G, oCg, P*Q)

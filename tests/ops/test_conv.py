@@ -165,6 +165,7 @@ GRAD_CASES = [
     (1, 2, 3, 9, 9, 7, 2, 3, 1),
     (2, 2, 4, 4, 5, 1, 1, 1, 1),  # a padded 1x1: gx through the general lowering path
     (2, 4, 4, 5, 7, 3, 2, 1, 2),  # the old reference-path case, now with a bias too
+    (4, 4, 4, 2, 2, 3, 1, 1, 2),  # a 2x2 map: one dense map of the whole image
 ]
 
 
@@ -644,6 +645,7 @@ def test_which_convolutions_split_into_phases_of_the_outputs_size(x_shape, W_sha
                                   (2, 16, 6, 8, 32, 2, 3, 3, 2, 1),     # strided phases
                                   (2, 24, 6, 5, 48, 3, 3, 2, (2, 1), (1, 0)),
                                   (2, 3, 14, 12, 64, 1, 7, 7, 2, 3),    # the stem's phases
+                                  (4, 16, 2, 2, 16, 2, 3, 3, 1, 1),     # a whole-map conv
                                   (2, 8, 9, 9, 8, 2, 3, 3, 1, 1)],      # MEC
                          ids=_case_id)
 def test_every_scratch_value_a_convolution_reads_was_written_first(monkeypatch, case):
@@ -667,7 +669,7 @@ def test_every_scratch_value_a_convolution_reads_was_written_first(monkeypatch, 
 
     monkeypatch.setattr(conv, "_scratch", poisoned)
     monkeypatch.setattr(conv, "new_in_layout", poisoned_new)
-    monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 30)  # every case but the last folds
+    monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 30)  # folded: all but the last two
     x, W, gy, _ = _conv_data(case, numpy.float64, 8)
     g, stride, padding = case[5], case[8], case[9]
     xc, gyc = cnhw(x, numpy.array), cnhw(gy, numpy.array)
@@ -706,6 +708,65 @@ def test_which_convolutions_run_folded(x_shape, W_shape, groups, stride, folds):
     x = numpy.zeros(x_shape, numpy.float32)
     assert conv._folds(cnhw(x, numpy.array), g) == folds
     assert not conv._folds(x, g)  # NCHW memory never folds
+
+
+# (N, C, H, W, K, groups, R, S, stride, padding): maps of at most half the kernel's taps
+WHOLE_MAP_CASES = [
+    (4, 16, 2, 2, 16, 2, 3, 3, 1, 1),            # layer4's 2x2 maps at 64x64, 8 per group
+    (5, 6, 3, 4, 6, 3, 5, 5, 2, 2),              # stride 2: 2x2 outputs, each tap two apart
+    (3, 8, 1, 1, 8, 2, 3, 3, 1, 1),              # a 1x1 map: 8 of the 9 taps read only padding
+    (2, 4, 3, 2, 6, 1, 5, 5, 1, 2),              # one group, a kernel larger than the image
+    (3, 6, 2, 3, 6, 3, 3, 5, (1, 2), (1, 2)),    # strides, paddings, kernel sides unequal
+    (4, 4, 1, 3, 4, 1, 3, 3, 1, (1, 0)),         # no padding along the width
+]
+
+
+@pytest.mark.parametrize("case", WHOLE_MAP_CASES, ids=_case_id)
+def test_maps_no_larger_than_the_kernel_run_as_one_dense_map_equal_to_the_naive_loops(
+        monkeypatch, case):
+    """On such maps each group's convolution is one dense matrix from an
+    image's values to its outputs, one GEMM per group in every direction:
+    in NCHW and in CNHW memory it gives the naive loops' outputs and the
+    reference's gradients (a tap no output reads gets a zero gradient)."""
+    calls = []
+    for name in ("_whole_map_forward", "_whole_map_backward_data", "_whole_map_backward_weight"):
+        real = getattr(conv, name)
+        monkeypatch.setattr(conv, name, lambda *a, _real=real, _name=name:
+                            calls.append(_name) or _real(*a))
+    x, W, gy, _ = _conv_data(case, numpy.float64, 9)
+    g, stride, padding = case[5], case[8], case[9]
+    assert conv._whole_map(conv._Geometry(x.shape, W.shape, stride, padding, g))
+    expected = (naive_conv2d(x, W, None, _pair(stride), _pair(padding), g),
+                conv.conv2d_backward_data_reference(gy, W, x.shape, stride, padding, g),
+                conv.conv2d_backward_weight_reference(gy, x, W.shape, stride, padding, g))
+    for layout in (numpy.array, lambda a: cnhw(a, numpy.array)):
+        calls.clear()
+        got = (conv.conv2d_forward(layout(x), W, stride, padding, g),
+               conv.conv2d_backward_data(layout(gy), W, x.shape, stride, padding, g),
+               conv.conv2d_backward_weight(layout(gy), layout(x), W.shape, stride, padding, g))
+        assert calls == ["_whole_map_forward", "_whole_map_backward_data",
+                         "_whole_map_backward_weight"]
+        for a in got[:2]:
+            assert cuda_device.is_cnhw(a) == cuda_device.is_cnhw(layout(x)), case
+        for a, b, name in zip(got, expected, ("forward", "backward data", "backward weight")):
+            assert_close(a, b, 1e-10, scaled(b, 1e-12), f"whole map {case} {name}")
+    if case[2] * case[3] == 1:  # only the centre tap reads the image
+        assert numpy.all(got[2][:, :, [0, 0, 2, 2], [0, 2, 0, 2]] == 0)
+
+
+@pytest.mark.parametrize("x_shape, W_shape, groups, stride, whole", [
+    ((32, 1024, 2, 2), (1024, 32, 3, 3), 32, 1, True),   # layer4 at 64x64
+    ((32, 1024, 1, 1), (1024, 32, 3, 3), 32, 1, True),   # layer4 at 32x32: a 1x1 map
+    ((32, 512, 3, 3), (512, 16, 3, 3), 32, 1, False),    # 3x3 maps: as many pixels as taps
+    ((32, 256, 3, 3), (256, 32, 3, 3), 8, 2, False),     # the demo's layer4: 3x3 onto 2x2
+    ((32, 512, 4, 4), (512, 16, 3, 3), 32, 1, False),    # layer3 at 64x64
+    ((16, 1024, 7, 7), (1024, 32, 3, 3), 32, 1, False),  # layer4 at 224x224
+    ((4, 1024, 2, 2), (1024, 32, 3, 3), 32, 1, False),   # 4 images: Wmap > their im2col
+    ((32, 1024, 2, 2), (2048, 1024, 1, 1), 1, 1, False)])  # 1x1: one GEMM already
+def test_which_convolutions_run_as_the_dense_map_of_whole_images(x_shape, W_shape, groups,
+                                                                 stride, whole):
+    g = conv._Geometry(x_shape, W_shape, stride, W_shape[2] // 2, groups)  # ResNeXt's padding
+    assert conv._whole_map(g) == whole
 
 
 @pytest.mark.parametrize("x_shape, W_shape, stride, groups, split", [
