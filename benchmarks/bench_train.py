@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                     # CPU, batch 16, 224x224
     python benchmarks/bench_train.py --batch 32 --image_size 64
+    python benchmarks/bench_train.py --batch 32 --image_size 64 --rounds 8   # alternating
     python benchmarks/bench_train.py --device gpu --batch 128
 
 A step is forward, label-smoothed cross-entropy, backward and an SGD step. The
@@ -20,6 +21,14 @@ On the CPU, PyTorch runs twice: in its own process, as its users run it
 and in this process after ours, where it inherits the memory retention that
 ``import minitorch_gx`` sets (``minitorch_gx/cpu.py``), which speeds PyTorch
 up too. Both ratios are printed; the first is what users of each get.
+
+On this shared 2-core machine a run's minutes differ from the next's by
+10-30%, and the one-shot run above times PyTorch's process and ours in
+different minutes. ``--rounds R`` (CPU) alternates instead: PyTorch's own
+process stays up, and R rounds of --steps steps go to each side in turn
+(ours first in even rounds, PyTorch first in odd ones), so both sample the
+same minutes; it prints each side's median over all its steps, their
+ratio, and in how many rounds ours was the faster.
 (``import minitorch_gx`` also sets OPENBLAS_THREAD_TIMEOUT when it comes
 before NumPy, as in train.py; PyTorch computes with MKL and oneDNN, which
 that setting does not touch.)
@@ -55,7 +64,8 @@ def time_steps(step, warmup, steps, sync=lambda: None):
     return times
 
 
-def bench_ours(args, images_host, labels_host):
+def ours_step(args, images_host, labels_host):
+    """train.py's step on our resnext: forward, loss, backward, SGD."""
     xp = backend.cupy if args.device == "gpu" else numpy
     model = build_model(args.arch, 1000, seed=0)
     if args.device == "gpu":
@@ -71,14 +81,20 @@ def bench_ours(args, images_host, labels_host):
         loss = cross_entropy(model(x), labels, label_smoothing=0.1)
         loss.backward()
         opt.step()
+    return step
 
+
+def bench_ours(args, images_host, labels_host):
+    step = ours_step(args, images_host, labels_host)
     if args.device == "gpu":
-        return time_steps(step, args.warmup, args.steps, xp.cuda.Device().synchronize)
+        return time_steps(step, args.warmup, args.steps, backend.cupy.cuda.Device().synchronize)
     with cpu.cores_awake():  # as train.py's loop runs (minitorch_gx/cpu.py)
         return time_steps(step, args.warmup, args.steps)
 
 
-def bench_torch(args, images_host, labels_host):
+def torch_step(args, images_host, labels_host):
+    """(step, sync) of torchvision's resnext50_32x4d on the same batch, or
+    None when torch or torchvision does not import."""
     try:
         import torch
         import torchvision
@@ -100,8 +116,68 @@ def bench_torch(args, images_host, labels_host):
         lossf(model(x), labels).backward()
         opt.step()
 
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    return step, (torch.cuda.synchronize if dev == "cuda" else (lambda: None))
+
+
+def bench_torch(args, images_host, labels_host):
+    made = torch_step(args, images_host, labels_host)
+    if made is None:
+        return None
+    step, sync = made
     return time_steps(step, args.warmup, args.steps, sync)
+
+
+def serve_torch_steps(args, images_host, labels_host):
+    """The child of --rounds: warm up, say "ready", then time --steps steps
+    for every line read, answering each with their times (JSON)."""
+    import json
+    made = torch_step(args, images_host, labels_host)
+    if made is None:
+        sys.exit("torch or torchvision does not import")
+    step, sync = made
+    time_steps(step, args.warmup, 0, sync)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(time_steps(step, 0, args.steps, sync)), flush=True)
+
+
+def bench_alternating(args, images_host, labels_host):
+    """--rounds: ours and PyTorch's own process in turn, --steps steps a
+    round each, ABBA-ordered; (ours, theirs), each a list of the rounds'
+    step times; theirs None (and ours one round) when PyTorch cannot run."""
+    import json
+    import subprocess
+    argv = [sys.executable, os.path.abspath(__file__), "--torch_server", "--batch",
+            str(args.batch), "--image_size", str(args.image_size), "--steps", str(args.steps),
+            "--warmup", str(args.warmup)]
+    env = dict(os.environ, MINITORCH_GX_RETAIN_MEMORY="0")
+    child = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        if child.stdout.readline().strip() != "ready":  # (it said why on stderr)
+            return [bench_ours(args, images_host, labels_host)], None
+        step = ours_step(args, images_host, labels_host)
+        with cpu.cores_awake():
+            time_steps(step, args.warmup, 0)
+        ours, theirs = [], []
+
+        def ours_round():
+            with cpu.cores_awake():
+                ours.append(time_steps(step, 0, args.steps))
+
+        def theirs_round():
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            theirs.append(json.loads(child.stdout.readline()))
+
+        for r in range(args.rounds):
+            for run in ((ours_round, theirs_round) if r % 2 == 0 else
+                        (theirs_round, ours_round)):
+                run()
+        return ours, theirs
+    finally:
+        child.stdin.close()
+        child.wait()
 
 
 def bench_torch_own_process(args):
@@ -128,6 +204,21 @@ def report(name, times, batch):
     return rate
 
 
+def report_alternating(args, x, labels):
+    print(f"{args.arch} training step, cpu, batch {args.batch}, {args.image_size}x"
+          f"{args.image_size}, float32, {args.rounds} rounds of {args.steps} steps each, "
+          f"ours and PyTorch's own process in turn, after {args.warmup} warm-up")
+    ours, theirs = bench_alternating(args, x, labels)
+    ours_rate = report("minitorch_gx:", [t for r in ours for t in r], args.batch)
+    if theirs is None:
+        print("PyTorch: not measured (torch/torchvision not importable)")
+        return
+    own_rate = report("PyTorch (own process):", [t for r in theirs for t in r], args.batch)
+    faster = sum(statistics.median(a) < statistics.median(b) for a, b in zip(ours, theirs))
+    print(f"ratio minitorch_gx / PyTorch: {ours_rate / own_rate:.2f} (PyTorch as its users run "
+          f"it); ours faster in {faster} of {args.rounds} rounds (round medians)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -138,10 +229,19 @@ def main():
     p.add_argument("--arch", default="resnext50_32x4d")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--tf32", action="store_true", help="GPU: TF32 GEMMs (and cuDNN) on both sides")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="CPU: alternate ours and PyTorch's own process for this many rounds")
     p.add_argument("--torch_only", action="store_true", help=argparse.SUPPRESS)  # the child
+    p.add_argument("--torch_server", action="store_true", help=argparse.SUPPRESS)  # --rounds'
     args = p.parse_args()
     if args.device == "gpu" and not backend.gpu_available():
         sys.exit("error: --device gpu but no usable CUDA device (or CuPy)")
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+        sys.exit("error: --rounds and --steps must be at least 1, --warmup at least 0")
+    if args.rounds > 1 and (args.device != "cpu" or args.no_torch
+                            or args.arch != "resnext50_32x4d"):
+        sys.exit("error: --rounds alternates with PyTorch's resnext50_32x4d on the CPU: "
+                 "it needs --device cpu, the default --arch and no --no_torch")
     rng = numpy.random.default_rng(0)
     x = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=numpy.uint8)
     labels = rng.integers(0, 1000, args.batch).astype(numpy.int64)
@@ -149,6 +249,10 @@ def main():
         import json
         print(json.dumps(bench_torch(args, x, labels)))
         return
+    if args.torch_server:
+        return serve_torch_steps(args, x, labels)
+    if args.rounds > 1:
+        return report_alternating(args, x, labels)
     print(f"{args.arch} training step, {args.device}, batch {args.batch}, "
           f"{args.image_size}x{args.image_size}, {'TF32' if args.tf32 else 'float32'}, median of "
           f"{args.steps} steps after {args.warmup} warm-up")
