@@ -144,7 +144,7 @@ def serve_torch_steps(args, images_host, labels_host):
 def bench_alternating(args, images_host, labels_host):
     """--rounds: ours and PyTorch's own process in turn, --steps steps a
     round each, ABBA-ordered; (ours, theirs), each a list of the rounds'
-    step times; theirs None (and ours one round) when PyTorch cannot run."""
+    step times; theirs None (ours still every round) when PyTorch cannot run."""
     import json
     import subprocess
     argv = [sys.executable, os.path.abspath(__file__), "--torch_server", "--batch",
@@ -154,8 +154,7 @@ def bench_alternating(args, images_host, labels_host):
     child = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True)
     try:
-        if child.stdout.readline().strip() != "ready":  # (it said why on stderr)
-            return [bench_ours(args, images_host, labels_host)], None
+        ready = child.stdout.readline().strip() == "ready"  # (if not, it said why on stderr)
         step = ours_step(args, images_host, labels_host)
         with cpu.cores_awake():
             time_steps(step, args.warmup, 0)
@@ -166,35 +165,19 @@ def bench_alternating(args, images_host, labels_host):
                 ours.append(time_steps(step, 0, args.steps))
 
         def theirs_round():
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            theirs.append(json.loads(child.stdout.readline()))
+            if ready:
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                theirs.append(json.loads(child.stdout.readline()))
 
         for r in range(args.rounds):
             for run in ((ours_round, theirs_round) if r % 2 == 0 else
                         (theirs_round, ours_round)):
                 run()
-        return ours, theirs
+        return ours, (theirs if ready else None)
     finally:
         child.stdin.close()
         child.wait()
-
-
-def bench_torch_own_process(args):
-    """bench_torch in a child process that leaves glibc's malloc as it is
-    (MINITORCH_GX_RETAIN_MEMORY=0): the step times it reports, or None."""
-    import json
-    import subprocess
-    argv = [sys.executable, os.path.abspath(__file__), "--torch_only", "--device", args.device,
-            "--batch", str(args.batch), "--image_size", str(args.image_size),
-            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (
-        ["--tf32"] if args.tf32 else [])
-    env = dict(os.environ, MINITORCH_GX_RETAIN_MEMORY="0")
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def report(name, times, batch):
