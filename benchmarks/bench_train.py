@@ -127,6 +127,23 @@ def bench_torch(args, images_host, labels_host):
     return time_steps(step, args.warmup, args.steps, sync)
 
 
+def bench_torch_own_process(args):
+    """bench_torch in a child process that leaves glibc's malloc as it is
+    (MINITORCH_GX_RETAIN_MEMORY=0): the step times it reports, or None."""
+    import json
+    import subprocess
+    argv = [sys.executable, os.path.abspath(__file__), "--torch_only", "--device", args.device,
+            "--batch", str(args.batch), "--image_size", str(args.image_size),
+            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (
+        ["--tf32"] if args.tf32 else [])
+    env = dict(os.environ, MINITORCH_GX_RETAIN_MEMORY="0")
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def serve_torch_steps(args, images_host, labels_host):
     """The child of --rounds: warm up, say "ready", then time --steps steps
     for every line read, answering each with their times (JSON)."""

@@ -1,4 +1,4 @@
-"""benchmarks/bench_train.py's alternating mode (``--rounds``), run as a user runs it."""
+"""benchmarks/bench_train.py, run as a user runs it: one-shot and alternating (``--rounds``)."""
 import os
 import re
 import subprocess
@@ -25,6 +25,18 @@ def test_bad_settings_are_one_line_before_any_work(args, message):
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert message in done.stderr and done.stdout == ""
+
+
+def test_a_one_shot_run_times_both_sides():
+    """The default mode: our steps, then PyTorch in its own process and in
+    ours, and both ratios (where torch and torchvision import)."""
+    done = _run("--batch", "2", "--image_size", "32", "--steps", "2", "--warmup", "0")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"minitorch_gx: .*all steps ms: \[\d+, \d+\]", done.stdout)
+    if "PyTorch: not measured" not in done.stdout:
+        assert re.search(r"PyTorch \(own process\): .*all steps ms: \[\d+, \d+\]", done.stdout)
+        assert re.search(r"ratio minitorch_gx / PyTorch: [\d.]+ \(PyTorch as its users run it\); "
+                         r"[\d.]+ \(PyTorch with memory retained", done.stdout)
 
 
 def test_rounds_alternate_and_every_step_is_reported():
