@@ -22,14 +22,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import minitorch_gx as mt  # noqa: E402  (before NumPy, as train.py: see minitorch_gx/cpu.py)
+import minitorch_gx  # noqa: E402, F401  (before NumPy, as train.py: see minitorch_gx/cpu.py)
 import numpy  # noqa: E402
+from bench_train import ours_step  # noqa: E402  (this folder: train.py's step)
 from minitorch_gx import cpu  # noqa: E402
-from minitorch_gx.functional import cross_entropy  # noqa: E402
-from minitorch_gx.optim import SGD  # noqa: E402
-from resnext.model import build_model  # noqa: E402
-from resnext.trainer import param_groups  # noqa: E402
-from resnext.transforms import normalize  # noqa: E402
 
 
 def median_ms(fn, reps):
@@ -64,16 +60,9 @@ def steps(args):
     rng = numpy.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3),
                           dtype=numpy.uint8)
-    labels = rng.integers(0, 1000, args.batch)
-    model = build_model("resnext50_32x4d", 1000, seed=0).train()
-    opt = SGD(param_groups(model, 1e-4), lr=0.01, momentum=0.9)
-
-    def step():
-        opt.zero_grad()
-        x = mt.Tensor(normalize(images, numpy, numpy.float32))
-        cross_entropy(model(x), labels, label_smoothing=0.1).backward()
-        opt.step()
-
+    labels = rng.integers(0, 1000, args.batch).astype(numpy.int64)
+    step = ours_step(argparse.Namespace(device="cpu", arch="resnext50_32x4d", tf32=False),
+                     images, labels)
     step()
     times = {True: [], False: []}
     for r in range(args.rounds):

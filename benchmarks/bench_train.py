@@ -127,17 +127,26 @@ def bench_torch(args, images_host, labels_host):
     return time_steps(step, args.warmup, args.steps, sync)
 
 
+def _child_argv(args, mode):
+    """This script run as PyTorch's own process, in ``mode`` (--torch_only, --torch_server)."""
+    return [sys.executable, os.path.abspath(__file__), mode, "--device", args.device,
+            "--batch", str(args.batch), "--image_size", str(args.image_size),
+            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (
+        ["--tf32"] if args.tf32 else [])
+
+
+def _child_env():
+    """glibc's malloc left as it is in PyTorch's process, as its users have it."""
+    return dict(os.environ, MINITORCH_GX_RETAIN_MEMORY="0")
+
+
 def bench_torch_own_process(args):
     """bench_torch in a child process that leaves glibc's malloc as it is
     (MINITORCH_GX_RETAIN_MEMORY=0): the step times it reports, or None."""
     import json
     import subprocess
-    argv = [sys.executable, os.path.abspath(__file__), "--torch_only", "--device", args.device,
-            "--batch", str(args.batch), "--image_size", str(args.image_size),
-            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (
-        ["--tf32"] if args.tf32 else [])
-    env = dict(os.environ, MINITORCH_GX_RETAIN_MEMORY="0")
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    done = subprocess.run(_child_argv(args, "--torch_only"), env=_child_env(),
+                          capture_output=True, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
         return None
@@ -164,12 +173,8 @@ def bench_alternating(args, images_host, labels_host):
     step times; theirs None (ours still every round) when PyTorch cannot run."""
     import json
     import subprocess
-    argv = [sys.executable, os.path.abspath(__file__), "--torch_server", "--batch",
-            str(args.batch), "--image_size", str(args.image_size), "--steps", str(args.steps),
-            "--warmup", str(args.warmup)]
-    env = dict(os.environ, MINITORCH_GX_RETAIN_MEMORY="0")
-    child = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(_child_argv(args, "--torch_server"), env=_child_env(),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         ready = child.stdout.readline().strip() == "ready"  # (if not, it said why on stderr)
         step = ours_step(args, images_host, labels_host)

@@ -934,7 +934,7 @@ def _image_rows(a, G):
     xp = backend.get_array_module(a)
     n, c, h, w = a.shape
     if _is_cnhw(a):
-        rows = _stored(a, True).reshape(G, c // G, n, h * w).transpose(0, 2, 1, 3)
+        rows = _group_rows(_stored(a, True), G).transpose(0, 2, 1, 3)   # (G, N, C/G, H*W)
         return xp.ascontiguousarray(rows).reshape(G, n, c // G * h * w)
     return xp.ascontiguousarray(a).reshape(n, G, c // G * h * w).transpose(1, 0, 2)
 
@@ -946,8 +946,8 @@ def _from_image_rows(rows, shape, cnhw):
     G = rows.shape[0]
     a = new_in_layout(xp, shape, rows.dtype, cnhw)
     if cnhw:
-        _stored(a, True).reshape(G, c // G, n, h * w)[...] = (
-            rows.reshape(G, n, c // G, h * w).transpose(0, 2, 1, 3))
+        _group_rows(_stored(a, True), G)[...] = rows.reshape(G, n, c // G, h * w).transpose(
+            0, 2, 1, 3)
     else:
         a.reshape(n, G, c // G * h * w)[...] = rows.transpose(1, 0, 2)
     return a

@@ -750,8 +750,10 @@ def test_maps_no_larger_than_the_kernel_run_as_one_dense_map_equal_to_the_naive_
             assert cuda_device.is_cnhw(a) == cuda_device.is_cnhw(layout(x)), case
         for a, b, name in zip(got, expected, ("forward", "backward data", "backward weight")):
             assert_close(a, b, 1e-10, scaled(b, 1e-12), f"whole map {case} {name}")
-    if case[2] * case[3] == 1:  # only the centre tap reads the image
-        assert numpy.all(got[2][:, :, [0, 0, 2, 2], [0, 2, 0, 2]] == 0)
+    if case[2] * case[3] == 1:  # only the centre tap reads the image: the 8 others get 0
+        unread = got[2].copy()
+        unread[:, :, 1, 1] = 0
+        assert not unread.any() and got[2][:, :, 1, 1].any()
 
 
 @pytest.mark.parametrize("x_shape, W_shape, groups, stride, whole", [
