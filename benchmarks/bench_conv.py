@@ -27,7 +27,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minitorch_gx.ops import conv as ops_conv  # noqa: E402  (before NumPy: minitorch_gx/cpu.py)
+from minitorch_gx import cpu  # noqa: E402  (before NumPy: minitorch_gx/cpu.py)
+from minitorch_gx.ops import conv as ops_conv  # noqa: E402
 import numpy  # noqa: E402
 
 
@@ -78,12 +79,21 @@ def time_ours(shape, N, dtype, layout):
     y = ops_conv.conv2d_forward(x, W, stride, pad, groups)
     gy = layout(rng.standard_normal(y.shape, dtype=numpy.float32).astype(dtype))
     args = (stride, pad, groups)
+
+    def data():
+        return ops_conv.conv2d_backward_data(gy, W, x.shape, *args)
+
+    def weight():
+        return ops_conv.conv2d_backward_weight(gy, x, W.shape, *args)
+
     fwd = ms(lambda: ops_conv.conv2d_forward(x, W, *args))
-    bwd_data = 0.0 if C == 3 else ms(
-        lambda: ops_conv.conv2d_backward_data(gy, W, x.shape, *args))
-    bwd_weight = ms(lambda: ops_conv.conv2d_backward_weight(gy, x, W.shape, *args))
+    bwd_data = 0.0 if C == 3 else ms(data)
+    bwd_weight = ms(weight)
+    # the backward as Conv2d.backward runs it: gx and gW side by side where it does so
+    side_by_side = C != 3 and ops_conv._side_by_side(gy, W)
+    both = ms(lambda: cpu.side_by_side(data, weight)) if side_by_side else bwd_data + bwd_weight
     macs = N * K * (C // groups) * k * k * y.shape[2] * y.shape[3]
-    return fwd, bwd_data, bwd_weight, macs
+    return fwd, bwd_data, bwd_weight, both, macs
 
 
 def time_torch(shape, N):
@@ -152,34 +162,39 @@ def main():
     # burst of load then spoils one round of a shape, not all of them. Round 0
     # also warms up (scratch buffers, page faults, BLAS threads).
     best, torch_best = {}, {}
-    for _ in range(args.repeat + 1):
-        for s in shapes:
-            times = time_ours(s, args.batch, dtype, layout)
-            best[s] = times if s not in best else tuple(map(min, best[s], times))
-            if torch is not None:
-                time.sleep(0.1)  # one library's idle threads stop spinning before the other runs
-                torch_best[s] = min(torch_best.get(s, float("inf")), time_torch(s, args.batch))
-                time.sleep(0.1)
+    with cpu.cores_awake():  # as train.py's steps run
+        for _ in range(args.repeat + 1):
+            for s in shapes:
+                times = time_ours(s, args.batch, dtype, layout)
+                best[s] = times if s not in best else tuple(map(min, best[s], times))
+                if torch is not None:
+                    time.sleep(0.1)  # one library's idle threads stop spinning before the other's
+                    torch_best[s] = min(torch_best.get(s, float("inf")), time_torch(s, args.batch))
+                    time.sleep(0.1)
     rows = [(s,) + best[s] for s in shapes]
-    total = sum(s[1] * (f + d + w) for s, f, d, w, _ in rows)
+    total = sum(s[1] * (f + b) for s, f, d, w, b, _ in rows)
+    in_turn = sum(s[1] * (f + d + w) for s, f, d, w, b, _ in rows)
     total_macs = sum(s[1] * m for s, *_, m in rows)
     print(f"{'shape':24s} {'n':>2s} {'C':>5s} {'K':>5s} k s {'HW':>4s} | {'fwd':>7s} {'bwd_x':>7s} "
-          f"{'bwd_W':>7s} ms | share | GFLOP/s")
-    for s, f, d, w, macs in rows:
+          f"{'bwd_W':>7s} {'bwd':>7s} ms | share | GFLOP/s")
+    for s, f, d, w, b, macs in rows:
         name, count, C, K, k, stride, pad, groups, hw = s
         flops = 2 * macs * (2 if C == 3 else 3)
         print(f"{name:24s} {count:2d} {C:5d} {K:5d} {k} {stride} {hw:4d} | "
-              f"{f:7.1f} {d:7.1f} {w:7.1f}    | {100 * count * (f + d + w) / total:4.1f}% | "
-              f"{flops / (f + d + w) / 1e6:6.1f}")
+              f"{f:7.1f} {d:7.1f} {w:7.1f} {b:7.1f}    | {100 * count * (f + b) / total:4.1f}% | "
+              f"{flops / (f + b) / 1e6:6.1f}")
+    print("bwd: bwd_x and bwd_W as Conv2d.backward runs them (side by side for kernels "
+          "larger than 1x1: ops/conv.py)")
     print(f"forward MACs per image: {total_macs / args.batch / 1e9:.2f} G")
     what = "conv CPU time" if args.cpu_time else "conv time"
     print(f"ours: {what} per training step {total / 1e3:.2f} s "
-          f"({args.batch / (total / 1e3):.1f} img/s if convs were all)")
+          f"({args.batch / (total / 1e3):.1f} img/s if convs were all); "
+          f"{in_turn / 1e3:.2f} s with every bwd_x and bwd_W in turn")
 
     if torch is None:
         return
     torch_ms = [s[1] * torch_best[s] for s in shapes]
-    ours_ms = [s[1] * (f + d + w) for s, f, d, w, _ in rows]
+    ours_ms = [s[1] * (f + b) for s, f, d, w, b, _ in rows]
     print(f"\n{'shape':24s} {'ours ms':>9s} {'torch ms':>9s} {'ours/torch':>10s}")
     for s, o, t in zip(shapes, ours_ms, torch_ms):
         print(f"{s[0]:24s} {o:9.1f} {t:9.1f} {o / t:10.2f}")

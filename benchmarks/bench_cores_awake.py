@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import minitorch_gx  # noqa: E402, F401  (before NumPy, as train.py: see minitorch_gx/cpu.py)
 import numpy  # noqa: E402
-from bench_train import ours_step  # noqa: E402  (this folder: train.py's step)
+from bench_train import ours_step, random_batch  # noqa: E402  (this folder: train.py's step)
 from minitorch_gx import cpu  # noqa: E402
 
 
@@ -57,12 +57,8 @@ def passes(reps=41):
 
 
 def steps(args):
-    rng = numpy.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3),
-                          dtype=numpy.uint8)
-    labels = rng.integers(0, 1000, args.batch).astype(numpy.int64)
     step = ours_step(argparse.Namespace(device="cpu", arch="resnext50_32x4d", tf32=False),
-                     images, labels)
+                     *random_batch(args.batch, args.image_size))
     step()
     times = {True: [], False: []}
     for r in range(args.rounds):

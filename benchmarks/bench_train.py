@@ -64,6 +64,13 @@ def time_steps(step, warmup, steps, sync=lambda: None):
     return times
 
 
+def random_batch(batch, image_size):
+    """(uint8 images (batch, size, size, 3), int64 labels): the batch every step is timed on."""
+    rng = numpy.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=numpy.uint8)
+    return images, rng.integers(0, 1000, batch).astype(numpy.int64)
+
+
 def ours_step(args, images_host, labels_host):
     """train.py's step on our resnext: forward, loss, backward, SGD."""
     xp = backend.cupy if args.device == "gpu" else numpy
@@ -247,9 +254,7 @@ def main():
                             or args.arch != "resnext50_32x4d"):
         sys.exit("error: --rounds alternates with PyTorch's resnext50_32x4d on the CPU: "
                  "it needs --device cpu, the default --arch and no --no_torch")
-    rng = numpy.random.default_rng(0)
-    x = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), dtype=numpy.uint8)
-    labels = rng.integers(0, 1000, args.batch).astype(numpy.int64)
+    x, labels = random_batch(args.batch, args.image_size)
     if args.torch_only:
         import json
         print(json.dumps(bench_torch(args, x, labels)))

@@ -29,6 +29,9 @@ costs far more on a VM than the "tens of microseconds" one might expect
 (0.1 to 0.8 ms here once the thread has idled), so only work that gains more
 than that is split: passes of at least 2 x MIN_BLOCK_ELEMENTS elements, and
 convolutions whose blocks are large GEMMs (``ops/conv.py``, THREADED_GEMM_MACS).
+``side_by_side(first, second)`` runs two independent pieces of work at once,
+the second on a pool thread: a convolution's input and weight gradients,
+whose small GEMMs and copies would leave the other core idle (``ops/conv.py``).
 
 BLAS. OpenBLAS has threads of its own, right for one large GEMM (a 1x1
 convolution over the batch). Inside a block of ``run_blocks`` the cores are
@@ -184,6 +187,32 @@ def run_blocks(fn, n, min_rows=1, gemms=True):
         futures = [pool.submit(_in_pool, fn, a, b) for a, b in parts[1:]]
         first = _in_pool(fn, *parts[0])
         return [first] + [f.result() for f in futures]
+
+
+def side_by_side(first, second):
+    """(first(), second()): two independent pieces of work, ``second`` on a
+    pool thread while ``first`` runs here; one after the other when there
+    is one thread or when called from inside a block (the threads are busy
+    then). Each piece runs as a block does: its GEMMs on one BLAS thread,
+    its own ``run_blocks`` in place. Neither may read what the other writes;
+    then the results are the same bits however the two were scheduled.
+    ``second`` has finished when this returns, also when ``first`` raised."""
+    with _OneBlasThread():
+        if threads() == 1 or getattr(_inside, "pool", False):
+            return _in_block(first), _in_block(second)
+        future = _executor(threads()).submit(_in_block, second)
+        try:
+            done_here = _in_block(first)
+        except BaseException:
+            concurrent.futures.wait([future])  # second never outlives the call
+            raise
+        return done_here, future.result()
+
+
+def _in_block(fn):
+    if getattr(_inside, "pool", False):
+        return fn()
+    return _in_pool(lambda start, stop: fn(), 0, 1)
 
 
 _inside = threading.local()

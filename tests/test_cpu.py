@@ -240,6 +240,82 @@ def test_gemms_in_blocks_run_on_one_blas_thread_whatever_the_thread_count(monkey
     assert seen and set(seen) == {1}
 
 
+def test_side_by_side_runs_the_second_piece_on_another_thread_at_the_same_time(monkeypatch):
+    """With two threads each piece waits at a barrier for the other: run one
+    after the other they could not both pass it (BrokenBarrierError, not a hang)."""
+    import threading
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    meet = threading.Barrier(2, timeout=10)
+
+    def piece(name):
+        def run():
+            meet.wait()
+            return name, threading.get_ident()
+        return run
+
+    (a, here), (b, there) = cpu.side_by_side(piece("first"), piece("second"))
+    assert (a, b) == ("first", "second")
+    assert here == threading.get_ident() and there != here
+
+
+@pytest.mark.parametrize("where", ["one thread", "inside a block"])
+def test_side_by_side_runs_the_pieces_in_turn_here_when_the_threads_are_busy_or_one(
+        monkeypatch, where):
+    import threading
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "1" if where == "one thread" else "2")
+    order = []
+
+    def piece(name):
+        def run():
+            order.append((name, threading.get_ident()))
+            return name
+        return run
+
+    def pair():
+        return cpu.side_by_side(piece("first"), piece("second"))
+
+    if where == "one thread":
+        assert pair() == ("first", "second")
+        here = threading.get_ident()
+    else:
+        [[result, here]] = cpu.run_blocks(lambda a, b: (pair(), threading.get_ident()), 1)
+        assert result == ("first", "second")
+    assert order == [("first", here), ("second", here)]
+
+
+def test_side_by_side_waits_for_the_second_piece_when_the_first_raises(monkeypatch):
+    """The second piece writes into arrays the caller owns: it must be done
+    before an exception from the first reaches the caller."""
+    import time
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    done = []
+
+    def first():
+        raise RuntimeError("first failed")
+
+    def second():
+        time.sleep(0.2)
+        done.append(True)
+
+    with pytest.raises(RuntimeError, match="first failed"):
+        cpu.side_by_side(first, second)
+    assert done == [True]
+    with pytest.raises(ZeroDivisionError):  # and the second's own error reaches the caller
+        cpu.side_by_side(lambda: None, lambda: 1 / 0)
+
+
+@pytest.mark.skipif(cpu._blas_threads is None, reason="NumPy's BLAS is not an OpenBLAS found here")
+def test_side_by_side_gemms_run_on_one_blas_thread_whatever_the_thread_count(monkeypatch):
+    get, put = cpu._blas_threads
+    put(2)
+    seen = []
+    for count in ("1", "2", "3"):
+        monkeypatch.setenv("MINITORCH_GX_THREADS", count)
+        cpu.side_by_side(lambda: seen.append(get()), lambda: seen.append(get()))
+        assert get() == 2
+    assert len(seen) == 6 and set(seen) == {1}
+
+
 def test_passes_without_gemms_leave_openblas_alone(monkeypatch):
     """Batch norm and the element-wise passes run no GEMM, so they skip the
     one-BLAS-thread setting (60 us after a GEMM here); convolutions keep it."""

@@ -791,6 +791,56 @@ def test_only_convolutions_of_large_gemms_split_their_blocks_over_threads(
     assert calls and set(calls) == {split}
 
 
+@pytest.mark.parametrize("x_shape, W_shape, stride, groups", [
+    ((4, 64, 8, 8), (64, 2, 3, 3), 1, 32),     # MEC
+    ((4, 128, 4, 4), (128, 8, 3, 3), 2, 16),   # folded, on stride phases
+    ((4, 32, 2, 2), (32, 4, 3, 3), 1, 8)])     # the dense map of whole images
+def test_backward_computes_gx_and_gw_side_by_side_with_the_bits_of_one_after_the_other(
+        monkeypatch, x_shape, W_shape, stride, groups):
+    """Conv2d.backward runs gx and gW on two threads (``cpu.side_by_side``)
+    for kernels larger than 1x1; the gradients must be those of running
+    them in turn, bit for bit, gW written into W's own gradient array."""
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    rng = numpy.random.default_rng(4)
+    x = cnhw(_random(x_shape, rng).astype(numpy.float32), numpy.array)
+    W = _random(W_shape, rng).astype(numpy.float32)
+    gy = None
+    pairs = []
+    real = conv.cpu.side_by_side
+    monkeypatch.setattr(conv.cpu, "side_by_side", lambda f, g: pairs.append(1) or real(f, g))
+    grads = {}
+    for way in ("side by side", "in turn"):
+        if way == "in turn":
+            monkeypatch.setattr(conv, "_side_by_side", lambda gy, W: False)
+        xt, Wt = mt.Tensor(x.copy(), requires_grad=True), mt.Tensor(W.copy(), requires_grad=True)
+        Wt.grad, Wt.grad_is_zero = numpy.zeros_like(W), True  # as SGD.zero_grad leaves it
+        W_grad = Wt.grad
+        y = conv2d(xt, Wt, None, stride, 1, groups)
+        if gy is None:
+            gy = _random(y.shape, rng).astype(numpy.float32)
+        (y * mt.Tensor(gy)).sum().backward()  # y's gradient: gy
+        assert Wt.grad is W_grad  # gW written into W's own gradient array
+        grads[way] = (xt.grad.copy(), Wt.grad.copy())
+    assert pairs == [1]  # side by side once, in turn without it
+    for a, b in zip(grads["side by side"], grads["in turn"]):
+        assert a.tobytes() == b.tobytes()
+    expected = (conv.conv2d_backward_data_reference(gy, W, x.shape, stride, 1, groups),
+                conv.conv2d_backward_weight_reference(gy, x, W.shape, stride, 1, groups))
+    for got, want in zip(grads["side by side"], expected):
+        assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_which_backwards_run_side_by_side():
+    grouped, pointwise = (numpy.ones(s, numpy.float32) for s in ((8, 2, 3, 3), (8, 8, 1, 1)))
+    gy = numpy.ones((2, 8, 4, 4), numpy.float32)
+    assert conv._side_by_side(gy, grouped)
+    assert not conv._side_by_side(gy, pointwise)  # its GEMMs use OpenBLAS's own threads
+    with backend.implementation("reference"):
+        assert not conv._side_by_side(gy, grouped)
+    with backend.emulate_kernels():  # the kernels' launchers, not the NumPy fast path
+        assert not conv._side_by_side(gy, grouped)
+
+
 def test_a_1x1_conv_on_cnhw_memory_reads_x_in_place_on_the_numpy_path():
     """One GEMM over the batch reading x's own memory: y's memory is the
     GEMM's output, x is never copied (a copy would show as a new base)."""
