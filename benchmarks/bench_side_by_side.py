@@ -20,6 +20,7 @@ GEMM then on one BLAS thread) with the rule (only kernels larger than 1x1),
 and times the 1x1 convolutions' backward only.
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -28,7 +29,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minitorch_gx  # noqa: E402, F401  (before NumPy, as train.py: see minitorch_gx/cpu.py)
-from bench_train import ours_step, random_batch  # noqa: E402  (this folder: train.py's step)
+from bench_train import alternate_steps, ours_step, random_batch  # noqa: E402  (this folder)
 from minitorch_gx import backend, cpu  # noqa: E402
 from minitorch_gx.ops import conv as ops_conv  # noqa: E402
 
@@ -37,14 +38,14 @@ WAYS = ("side by side", "in turn")
 
 def timed_backwards(spent, pointwise):
     """Conv2d.backward, adding the time of each 1x1 kernel (``pointwise``)
-    or of each larger one to spent[0]."""
+    or of each larger one to spent["backward"]."""
     backward = ops_conv.Conv2d.backward
 
     def timed(self, gy):
         t0 = time.perf_counter()
         grads = backward(self, gy)
         if (self.W.shape[2:] == (1, 1)) == pointwise:
-            spent[0] += time.perf_counter() - t0
+            spent["backward"] += time.perf_counter() - t0
         return grads
 
     return timed
@@ -78,32 +79,25 @@ def main():
     print(f"threads: {threads}; batch {args.batch}, {args.image_size}x{args.image_size}")
     step = ours_step(argparse.Namespace(device="cpu", arch="resnext50_32x4d", tf32=False),
                      *random_batch(args.batch, args.image_size))
-    spent = [0.0]
+    spent = {"backward": 0.0}
     ops_conv.Conv2d.backward = timed_backwards(spent, args.with_1x1)
     # (side by side, in turn): the rule against none; with 1x1s, every kernel against the rule
-    arms = (every_kernel, ops_conv._side_by_side) if args.with_1x1 else (ops_conv._side_by_side,
-                                                                         in_turn)
-    steps, backwards = ({w: [] for w in WAYS} for _ in range(2))
+    rules = (every_kernel, ops_conv._side_by_side) if args.with_1x1 else (ops_conv._side_by_side,
+                                                                          in_turn)
+    arms = {way: functools.partial(setattr, ops_conv, "_side_by_side", rule)
+            for way, rule in zip(WAYS, rules)}
     with cpu.cores_awake():
         step()
-        for r in range(args.rounds):
-            for way in (WAYS if r % 2 == 0 else WAYS[::-1]):
-                ops_conv._side_by_side = arms[WAYS.index(way)]
-                step()
-                spent[0] = 0.0
-                t0 = time.perf_counter()
-                step()
-                steps[way].append(time.perf_counter() - t0)
-                backwards[way].append(spent[0])
+        times = alternate_steps(step, arms, args.rounds, spent)
     kinds = "1x1 kernels" if args.with_1x1 else "kernels > 1x1"
     for way in WAYS:
-        print(f"{way:12s}: median step {statistics.median(steps[way]) * 1000:6.0f} ms, "
-              f"backward of the {kinds} {statistics.median(backwards[way]) * 1000:6.1f} ms"
-              f"  (steps ms: {[round(t * 1000) for t in steps[way]]})")
-    for what, times in (("step", steps), ("their backward", backwards)):
-        faster = sum(a < b for a, b in zip(times[WAYS[0]], times[WAYS[1]]))
+        steps, backwards = times[way]["step"], times[way]["backward"]
+        print(f"{way:12s}: median step {statistics.median(steps) * 1000:6.0f} ms, "
+              f"backward of the {kinds} {statistics.median(backwards) * 1000:6.1f} ms"
+              f"  (steps ms: {[round(t * 1000) for t in steps]})")
+    for what, key in (("step", "step"), ("their backward", "backward")):
+        faster = sum(a < b for a, b in zip(times[WAYS[0]][key], times[WAYS[1]][key]))
         print(f"{what}: side by side faster in {faster} of {args.rounds} rounds")
-
 
 if __name__ == "__main__":
     main()

@@ -91,6 +91,28 @@ def ours_step(args, images_host, labels_host):
     return step
 
 
+def alternate_steps(step, arms, rounds, spent):
+    """Steps alternating between settings in ABBA order in one process, so
+    that the drift of a shared machine falls on all alike. ``arms``: name ->
+    a function putting that setting in place; each round runs, for each arm,
+    one untimed step and one timed one, with the counters of ``spent`` (a
+    dict the step's timers add seconds to) zeroed before it. Returns
+    {arm: {"step": [seconds per round], counter: [seconds per round], ...}}."""
+    names = list(arms)
+    times = {name: {"step": [], **{k: [] for k in spent}} for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            arms[name]()
+            step()
+            spent.update(dict.fromkeys(spent, 0.0))
+            t0 = time.perf_counter()
+            step()
+            times[name]["step"].append(time.perf_counter() - t0)
+            for k, v in spent.items():
+                times[name][k].append(v)
+    return times
+
+
 def bench_ours(args, images_host, labels_host):
     step = ours_step(args, images_host, labels_host)
     if args.device == "gpu":

@@ -27,7 +27,8 @@ writes only its own rows, and partial sums are combined in block order, so
 a result never depends on which thread ran first. A hand-off to a thread
 costs far more on a VM than the "tens of microseconds" one might expect
 (0.1 to 0.8 ms here once the thread has idled), so only work that gains more
-than that is split: passes of at least 2 x MIN_BLOCK_ELEMENTS elements, and
+than that is split: passes of at least 2 x ``min_block_elements()`` elements
+(1M inside ``cores_awake``, below, 4M outside it), and
 convolutions whose blocks are large GEMMs (``ops/conv.py``, THREADED_GEMM_MACS).
 ``side_by_side(first, second)`` runs two independent pieces of work at once,
 the second on a pool thread: a convolution's input and weight gradients,
@@ -87,17 +88,27 @@ import threading
 import numpy
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's malloc.h
-# Work below this many elements per block runs on one thread. Inside a
-# training step a hand-off to a thread that has been idle for a few
-# milliseconds cost 0.1 to 0.8 ms on this project's 2-core VM, and a block
-# of passes over a few MiB gains less than that from the second core: timed
-# call by call within batch-32 64x64 steps (threads on and off on alternate
-# steps), one thread was faster for 29 of the 31 batch-norm and element-wise
-# shapes, up to 2M elements. Whole steps, ABBA-ordered in one process: 1 << 21
-# against 1 << 16 saved 21 ms a step at batch 32, 64x64 (median of 24 quads, 17
-# faster) and made no measurable difference at batch 16, 224x224, where the
-# larger passes (and the SGD update's 25M) still split.
-MIN_BLOCK_ELEMENTS = 1 << 21
+# Work below this many elements per block runs on one thread
+# (``min_block_elements``): a hand-off to a thread costs more than the
+# second core saves on a short pass. On this project's 2-core VM a hand-off
+# to a thread that had idled for a few milliseconds cost 0.1 to 0.8 ms (its
+# core had halted). Inside ``cores_awake`` (train.py's and eval.py's loops,
+# the benchmarks' steps) the cores do not halt, and smaller passes repay
+# the split. Per-op timers within whole steps, the values alternating in
+# ABBA rounds in one process (benchmarks/bench_min_block.py), batch norm and
+# the element-wise passes of a step took, medians:
+#   keepers on, batch 32, 64x64: 220.4 ms with 1 << 19 against 238.1 with
+#     1 << 21 (14 rounds; in other runs 204.0 against 230.0, and 239.2 with
+#     1 << 20, 227.2 with 1 << 19, 259.0 with 1 << 18);
+#   keepers on, batch 16, 224x224: 757.1 against 912.6 ms (4 rounds);
+#   keepers off, batch 32, 64x64: 250.0 with 1 << 19 against 241.5 with 1 << 21.
+MIN_BLOCK_ELEMENTS = 1 << 21        # while the cores may halt between passes
+MIN_BLOCK_ELEMENTS_AWAKE = 1 << 19  # inside cores_awake, its keepers running
+
+
+def min_block_elements():
+    """The fewest elements per block worth a thread, now (see above)."""
+    return MIN_BLOCK_ELEMENTS_AWAKE if cores_awake._keepers else MIN_BLOCK_ELEMENTS
 _retained = False
 
 
@@ -427,7 +438,7 @@ def elementwise(passes, *flat):
             j = min(i + PIECE_ELEMENTS, stop)
             passes(*(a[i:j] for a in flat))
 
-    run_blocks(block, n, min_rows=MIN_BLOCK_ELEMENTS, gemms=False)
+    run_blocks(block, n, min_rows=min_block_elements(), gemms=False)
 
 
 def elementwise_new(passes, *arrays):

@@ -3,6 +3,7 @@ passes in fixed blocks, so every op gives the same bits with 1, 2 or 3
 threads; retained memory means a repeated large allocation faults (almost) no page."""
 import platform
 import resource
+import threading
 
 import numpy as np
 import pytest
@@ -89,8 +90,14 @@ def _step_outputs():
     return out + [p, buf]
 
 
+def _split_every_pass(monkeypatch):
+    """Passes of 512 elements and more split, the cores awake or not."""
+    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS_AWAKE", 256)
+
+
 def test_threads_never_change_a_result(monkeypatch):
-    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)  # split even these small arrays
+    _split_every_pass(monkeypatch)  # split even these small arrays
     monkeypatch.setattr(conv, "THREADED_GEMM_MACS", 0)  # and every convolution's blocks
     monkeypatch.setattr(conv, "FOLD_BYTES", 30000)  # blocks of groups and of images
     monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 1 << 30)  # fold these 14x14 maps too
@@ -104,7 +111,7 @@ def test_threads_never_change_a_result(monkeypatch):
 
 
 def test_threaded_passes_equal_their_references(monkeypatch):
-    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)
+    _split_every_pass(monkeypatch)
     monkeypatch.setattr(cpu, "PIECE_ELEMENTS", 1000)  # pieces that end mid-row
     monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
     rng = np.random.default_rng(1)
@@ -156,7 +163,7 @@ def test_a_training_step_is_the_same_with_one_thread_and_two(monkeypatch, arch, 
     from minitorch_gx.optim import SGD
     from resnext.model import build_model
     x, labels = _input(kind), np.random.default_rng(3).integers(0, 10, 4)
-    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)
+    _split_every_pass(monkeypatch)
     monkeypatch.setattr(conv, "THREADED_GEMM_MACS", 0)
     params = {}
     for count in ("1", "2"):
@@ -471,9 +478,34 @@ def test_a_keeper_that_cannot_lower_its_priority_does_not_spin(monkeypatch):
 
 
 @needs_spinlock
+def test_passes_split_from_a_smaller_size_while_the_cores_are_kept_awake(monkeypatch):
+    """A hand-off to a core that halted costs 0.1-0.8 ms; to one kept awake
+    much less, so inside cores_awake passes of 1M elements split, outside
+    only those of 4M (the two thresholds of min_block_elements)."""
+    monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
+    ran = []
+
+    def pass_over(a):
+        ran.append(threading.get_ident())
+
+    def threads_used(n):
+        ran.clear()
+        cpu.elementwise(pass_over, *(np.zeros(n, np.float32),))
+        return len(set(ran))
+
+    n = 3 * cpu.MIN_BLOCK_ELEMENTS_AWAKE  # between twice the awake threshold and twice the other
+    assert 2 * cpu.MIN_BLOCK_ELEMENTS_AWAKE <= n < 2 * cpu.MIN_BLOCK_ELEMENTS
+    assert cpu.min_block_elements() == cpu.MIN_BLOCK_ELEMENTS and threads_used(n) == 1
+    with cpu.cores_awake() as awake:
+        assert awake.started and cpu.min_block_elements() == cpu.MIN_BLOCK_ELEMENTS_AWAKE
+        assert threads_used(n) == 2
+    assert cpu.min_block_elements() == cpu.MIN_BLOCK_ELEMENTS and threads_used(n) == 1
+
+
+@needs_spinlock
 def test_keeping_the_cores_awake_changes_no_bit(monkeypatch):
     monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
-    monkeypatch.setattr(cpu, "MIN_BLOCK_ELEMENTS", 256)  # every pass split: hand-offs
+    _split_every_pass(monkeypatch)  # every pass split: hand-offs
     monkeypatch.setattr(conv, "THREADED_GEMM_MACS", 0)
     asleep = _step_outputs()
     with cpu.cores_awake() as awake:

@@ -384,7 +384,7 @@ def _channel_blocks(fn, lay, itemsize):
         for a in range(c0, c1, piece):
             fn(a, min(a + piece, c1))
 
-    cpu.run_blocks(block, lay.c, min_rows=-(-cpu.MIN_BLOCK_ELEMENTS // per_channel),
+    cpu.run_blocks(block, lay.c, min_rows=-(-cpu.min_block_elements() // per_channel),
                    gemms=False)  # (einsum's products are its own loops, not BLAS)
 
 

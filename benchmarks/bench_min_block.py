@@ -1,0 +1,99 @@
+"""Which passes are worth splitting over the threads: ``cpu.min_block_elements()`` in CPU steps.
+
+    python benchmarks/bench_min_block.py                         # batch 32, 64x64: 2M against 512K
+    python benchmarks/bench_min_block.py --values 1048576,524288,262144 --rounds 12
+    python benchmarks/bench_min_block.py --batch 16 --image_size 224 --rounds 4
+    MINITORCH_GX_KEEP_AWAKE=0 python benchmarks/bench_min_block.py   # cores free to halt
+
+Batch norm's and the element-wise passes split into blocks over the threads
+only when each block gets at least ``min_block_elements()`` elements:
+MIN_BLOCK_ELEMENTS_AWAKE while ``cpu.cores_awake`` keeps the cores from
+halting, else MIN_BLOCK_ELEMENTS; this varies the one in force. Whole
+training steps of resnext50_32x4d (train.py's step, as in bench_train.py,
+inside ``cpu.cores_awake`` as train.py's are) alternate between the values
+in ABBA order in one process (``bench_train.alternate_steps``); per-op timers
+add up, within each timed step, batch norm forward and backward and the
+element-wise passes (add + ReLU, the ReLU's gradient, gradients added where
+a tensor feeds two ops). Printed per value: the medians of the step, of each
+of those and of their sum. Per-op sums are steadier than whole steps on a
+shared machine. The value changes no bit of a result (tests/test_cpu.py).
+"""
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import minitorch_gx  # noqa: E402, F401  (before NumPy, as train.py: see minitorch_gx/cpu.py)
+from bench_train import alternate_steps, ours_step, random_batch  # noqa: E402  (this folder)
+from minitorch_gx import cpu  # noqa: E402
+from minitorch_gx.ops import basic, norm  # noqa: E402
+
+TIMED = {"bn forward": (norm, "batch_norm_train_forward"),
+         "bn backward": (norm, "batch_norm_backward"),
+         "add+relu": (basic, "_add_relu_forward_fast"),
+         "relu backward": (basic, "_relu_backward_fast"),
+         "gradient adds": (basic, "_add_arrays_fast")}
+
+
+def time_passes(spent):
+    """Wrap each function of TIMED so that it adds its time to spent[its name]."""
+    for name, (module, attr) in TIMED.items():
+        fn = getattr(module, attr)
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            t0 = time.perf_counter()
+            result = _fn(*a, **k)
+            spent[_name] += time.perf_counter() - t0
+            return result
+
+        setattr(module, attr, timed)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--values", default=f"{1 << 21},{1 << 19}",
+                   help="comma-separated MIN_BLOCK_ELEMENTS values to alternate")
+    args = p.parse_args()
+    try:
+        values = [int(v) for v in args.values.split(",")]
+    except ValueError:
+        sys.exit(f"error: --values {args.values!r} is not a comma-separated list of whole numbers")
+    if min(values) < 1 or len(set(values)) < 2:
+        sys.exit("error: --values needs two or more different values of at least 1")
+    if args.batch < 1 or args.image_size < 32 or args.rounds < 1:
+        sys.exit("error: need --batch >= 1, --image_size >= 32 and --rounds >= 1")
+    try:
+        threads = cpu.threads()
+    except ValueError as e:  # a bad MINITORCH_GX_THREADS
+        sys.exit(f"error: {e}")
+    if threads < 2:
+        sys.exit("error: splitting needs 2 or more threads (MINITORCH_GX_THREADS)")
+    step = ours_step(argparse.Namespace(device="cpu", arch="resnext50_32x4d", tf32=False),
+                     *random_batch(args.batch, args.image_size))
+    spent = dict.fromkeys(TIMED, 0.0)
+    time_passes(spent)
+    with cpu.cores_awake() as awake:
+        name = "MIN_BLOCK_ELEMENTS_AWAKE" if awake.started else "MIN_BLOCK_ELEMENTS"
+        print(f"threads: {threads}; batch {args.batch}, {args.image_size}x{args.image_size}; "
+              f"keepers {'on' if awake.started else 'off'}: varying {name} "
+              f"(now {getattr(cpu, name)})")
+        arms = {v: functools.partial(setattr, cpu, name, v) for v in values}
+        step()
+        times = alternate_steps(step, arms, args.rounds, spent)
+    for v in values:
+        t = times[v]
+        passes = [sum(parts) for parts in zip(*(t[k] for k in TIMED))]
+        print(f"{v:>9d}: step {statistics.median(t['step']) * 1000:6.0f} ms, those passes "
+              f"{statistics.median(passes) * 1000:6.1f} ms (" + ", ".join(
+                  f"{k} {statistics.median(t[k]) * 1000:.1f}" for k in TIMED) + ")")
+
+
+if __name__ == "__main__":
+    main()
