@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minitorch_gx  # noqa: E402, F401  (before NumPy, as train.py: see minitorch_gx/cpu.py)
-from bench_train import alternate_steps, ours_step, random_batch  # noqa: E402  (this folder)
+from bench_train import alternate_steps, cpu_step_for  # noqa: E402  (this folder)
 from minitorch_gx import cpu  # noqa: E402
 from minitorch_gx.ops import basic, norm  # noqa: E402
 
@@ -67,16 +67,7 @@ def main():
         sys.exit(f"error: --values {args.values!r} is not a comma-separated list of whole numbers")
     if min(values) < 1 or len(set(values)) < 2:
         sys.exit("error: --values needs two or more different values of at least 1")
-    if args.batch < 1 or args.image_size < 32 or args.rounds < 1:
-        sys.exit("error: need --batch >= 1, --image_size >= 32 and --rounds >= 1")
-    try:
-        threads = cpu.threads()
-    except ValueError as e:  # a bad MINITORCH_GX_THREADS
-        sys.exit(f"error: {e}")
-    if threads < 2:
-        sys.exit("error: splitting needs 2 or more threads (MINITORCH_GX_THREADS)")
-    step = ours_step(argparse.Namespace(device="cpu", arch="resnext50_32x4d", tf32=False),
-                     *random_batch(args.batch, args.image_size))
+    step, threads = cpu_step_for(args, "splitting")
     spent = dict.fromkeys(TIMED, 0.0)
     time_passes(spent)
     with cpu.cores_awake() as awake:

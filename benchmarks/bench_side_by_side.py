@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minitorch_gx  # noqa: E402, F401  (before NumPy, as train.py: see minitorch_gx/cpu.py)
-from bench_train import alternate_steps, ours_step, random_batch  # noqa: E402  (this folder)
+from bench_train import alternate_steps, cpu_step_for  # noqa: E402  (this folder)
 from minitorch_gx import backend, cpu  # noqa: E402
 from minitorch_gx.ops import conv as ops_conv  # noqa: E402
 
@@ -68,17 +68,8 @@ def main():
     p.add_argument("--with-1x1", action="store_true",
                    help="the 1x1 convolutions side by side too, against the rule")
     args = p.parse_args()
-    if args.batch < 1 or args.image_size < 32 or args.rounds < 1:
-        sys.exit("error: need --batch >= 1, --image_size >= 32 and --rounds >= 1")
-    try:
-        threads = cpu.threads()
-    except ValueError as e:  # a bad MINITORCH_GX_THREADS
-        sys.exit(f"error: {e}")
-    if threads < 2:
-        sys.exit("error: side by side needs 2 or more threads (MINITORCH_GX_THREADS)")
+    step, threads = cpu_step_for(args, "side by side")
     print(f"threads: {threads}; batch {args.batch}, {args.image_size}x{args.image_size}")
-    step = ours_step(argparse.Namespace(device="cpu", arch="resnext50_32x4d", tf32=False),
-                     *random_batch(args.batch, args.image_size))
     spent = {"backward": 0.0}
     ops_conv.Conv2d.backward = timed_backwards(spent, args.with_1x1)
     # (side by side, in turn): the rule against none; with 1x1s, every kernel against the rule

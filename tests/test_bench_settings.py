@@ -1,0 +1,53 @@
+"""benchmarks/bench_side_by_side.py and bench_min_block.py, run as a user runs
+them: bad settings are one error line, and a short run reports every arm."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("script, args, env, message", [
+    ("bench_side_by_side.py", ["--rounds", "0"], {}, "--rounds >= 1"),
+    ("bench_side_by_side.py", ["--image_size", "8"], {}, "--image_size >= 32"),
+    ("bench_side_by_side.py", [], {"MINITORCH_GX_THREADS": "1"}, "needs 2 or more threads"),
+    ("bench_side_by_side.py", [], {"MINITORCH_GX_THREADS": "two"}, "MINITORCH_GX_THREADS"),
+    ("bench_min_block.py", ["--values", "524288"], {}, "two or more different values"),
+    ("bench_min_block.py", ["--values", "1,x"], {}, "not a comma-separated list"),
+    ("bench_min_block.py", ["--batch", "0"], {}, "--batch >= 1"),
+    ("bench_min_block.py", [], {"MINITORCH_GX_THREADS": "1"}, "needs 2 or more threads")])
+def test_bad_settings_are_one_line_before_any_work(script, args, env, message):
+    done = _run(script, *args, env=env)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert message in done.stderr and done.stdout == ""
+
+
+def test_side_by_side_reports_both_ways_and_the_rounds():
+    done = _run("bench_side_by_side.py", "--batch", "2", "--image_size", "32", "--rounds", "2",
+                env={"MINITORCH_GX_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    for way in ("side by side", "in turn"):
+        assert re.search(re.escape(way.ljust(12)) + r": median step +\d+ ms, backward of the kernels > 1x1 +[\d.]+ ms"
+                         r"  \(steps ms: \[\d+, \d+\]\)", done.stdout), done.stdout
+    assert re.search(r"step: side by side faster in [0-2] of 2 rounds", done.stdout)
+    assert re.search(r"their backward: side by side faster in [0-2] of 2 rounds", done.stdout)
+
+
+def test_min_block_reports_every_value():
+    done = _run("bench_min_block.py", "--batch", "2", "--image_size", "32", "--rounds", "1",
+                "--values", "4096,1024,256", env={"MINITORCH_GX_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    for value in (4096, 1024, 256):
+        assert re.search(rf"\b{value}: step +\d+ ms, those passes +[\d.]+ ms \(bn forward [\d.]+, "
+                         r"bn backward [\d.]+, add\+relu [\d.]+, relu backward [\d.]+, "
+                         r"gradient adds [\d.]+\)", done.stdout), done.stdout
