@@ -1,6 +1,8 @@
 """2-D convolution with stride, padding, groups and an optional bias.
 
-Read top-down: ``conv2d`` and its Function ``Conv2d`` (forward, backward);
+Read top-down: ``conv2d`` and its Function ``Conv2d`` (forward, backward;
+on the NumPy path a kernel larger than 1x1 computes gx and gW side by side,
+one on each core: ``_side_by_side``);
 the three array-level steps it is made of, ``conv2d_forward`` (y from x, W),
 ``conv2d_backward_data`` (gx from gy, W) and ``conv2d_backward_weight`` (gW
 from gy, x), each choosing one of three implementations with
