@@ -109,6 +109,8 @@ MIN_BLOCK_ELEMENTS_AWAKE = 1 << 19  # inside cores_awake, its keepers running
 def min_block_elements():
     """The fewest elements per block worth a thread, now (see above)."""
     return MIN_BLOCK_ELEMENTS_AWAKE if cores_awake._keepers else MIN_BLOCK_ELEMENTS
+
+
 _retained = False
 
 
