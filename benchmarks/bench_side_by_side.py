@@ -1,4 +1,4 @@
-"""What computing gx and gW side by side (``Conv2d.backward``, ``cpu.side_by_side``) does to CPU steps.
+"""What computing a convolution's gx and gW side by side (``cpu.side_by_side``) does to CPU steps.
 
     python benchmarks/bench_side_by_side.py                     # batch 32, 64x64, 10 rounds
     python benchmarks/bench_side_by_side.py --batch 16 --image_size 224 --rounds 5
@@ -89,6 +89,7 @@ def main():
     for what, key in (("step", "step"), ("their backward", "backward")):
         faster = sum(a < b for a, b in zip(times[WAYS[0]][key], times[WAYS[1]][key]))
         print(f"{what}: side by side faster in {faster} of {args.rounds} rounds")
+
 
 if __name__ == "__main__":
     main()

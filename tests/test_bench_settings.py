@@ -37,8 +37,9 @@ def test_side_by_side_reports_both_ways_and_the_rounds():
                 env={"MINITORCH_GX_THREADS": "2"})
     assert done.returncode == 0, done.stderr
     for way in ("side by side", "in turn"):
-        assert re.search(re.escape(way.ljust(12)) + r": median step +\d+ ms, backward of the kernels > 1x1 +[\d.]+ ms"
-                         r"  \(steps ms: \[\d+, \d+\]\)", done.stdout), done.stdout
+        assert re.search(re.escape(way.ljust(12)) + r": median step +\d+ ms, backward of the "
+                         r"kernels > 1x1 +[\d.]+ ms  \(steps ms: \[\d+, \d+\]\)",
+                         done.stdout), done.stdout
     assert re.search(r"step: side by side faster in [0-2] of 2 rounds", done.stdout)
     assert re.search(r"their backward: side by side faster in [0-2] of 2 rounds", done.stdout)
 
