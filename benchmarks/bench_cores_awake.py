@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import minitorch_gx  # noqa: E402, F401  (before NumPy, as train.py: see minitorch_gx/cpu.py)
 import numpy  # noqa: E402
-from bench_train import ours_step, random_batch  # noqa: E402  (this folder: train.py's step)
+from bench_train import alternate_steps, ours_step, random_batch  # noqa: E402  (this folder)
 from minitorch_gx import cpu  # noqa: E402
 
 
@@ -60,14 +60,9 @@ def steps(args):
     step = ours_step(argparse.Namespace(device="cpu", arch="resnext50_32x4d", tf32=False),
                      *random_batch(args.batch, args.image_size))
     step()
-    times = {True: [], False: []}
-    for r in range(args.rounds):
-        for awake in ((True, False) if r % 2 == 0 else (False, True)):
-            with cpu.cores_awake() if awake else contextlib.nullcontext():
-                step()
-                t0 = time.perf_counter()
-                step()
-                times[awake].append(time.perf_counter() - t0)
+    times = alternate_steps(step, {True: cpu.cores_awake, False: contextlib.nullcontext},
+                            args.rounds)
+    times = {awake: t["step"] for awake, t in times.items()}
     faster = sum(a < b for a, b in zip(times[True], times[False]))
     for awake in (True, False):
         print(f"keepers {'on ' if awake else 'off'}: median step "

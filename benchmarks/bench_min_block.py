@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minitorch_gx  # noqa: E402, F401  (before NumPy, as train.py: see minitorch_gx/cpu.py)
-from bench_train import alternate_steps, cpu_step_for  # noqa: E402  (this folder)
+from bench_train import alternate_steps, cpu_step_for, setting  # noqa: E402  (this folder)
 from minitorch_gx import cpu  # noqa: E402
 from minitorch_gx.ops import basic, norm  # noqa: E402
 
@@ -75,7 +75,7 @@ def main():
         print(f"threads: {threads}; batch {args.batch}, {args.image_size}x{args.image_size}; "
               f"keepers {'on' if awake.started else 'off'}: varying {name} "
               f"(now {getattr(cpu, name)})")
-        arms = {v: functools.partial(setattr, cpu, name, v) for v in values}
+        arms = {v: functools.partial(setting, cpu, name, v) for v in values}
         step()
         times = alternate_steps(step, arms, args.rounds, spent)
     for v in values:

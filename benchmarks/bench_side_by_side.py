@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minitorch_gx  # noqa: E402, F401  (before NumPy, as train.py: see minitorch_gx/cpu.py)
-from bench_train import alternate_steps, cpu_step_for  # noqa: E402  (this folder)
+from bench_train import alternate_steps, cpu_step_for, setting  # noqa: E402  (this folder)
 from minitorch_gx import backend, cpu  # noqa: E402
 from minitorch_gx.ops import conv as ops_conv  # noqa: E402
 
@@ -75,7 +75,7 @@ def main():
     # (side by side, in turn): the rule against none; with 1x1s, every kernel against the rule
     rules = (every_kernel, ops_conv._side_by_side) if args.with_1x1 else (ops_conv._side_by_side,
                                                                           in_turn)
-    arms = {way: functools.partial(setattr, ops_conv, "_side_by_side", rule)
+    arms = {way: functools.partial(setting, ops_conv, "_side_by_side", rule)
             for way, rule in zip(WAYS, rules)}
     with cpu.cores_awake():
         step()

@@ -34,6 +34,7 @@ before NumPy, as in train.py; PyTorch computes with MKL and oneDNN, which
 that setting does not touch.)
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -108,26 +109,39 @@ def cpu_step_for(args, needs):
     return step, threads
 
 
-def alternate_steps(step, arms, rounds, spent):
+def alternate_steps(step, arms, rounds, spent=None):
     """Steps alternating between settings in ABBA order in one process, so
     that the drift of a shared machine falls on all alike. ``arms``: name ->
-    a function putting that setting in place; each round runs, for each arm,
-    one untimed step and one timed one, with the counters of ``spent`` (a
-    dict the step's timers add seconds to) zeroed before it. Returns
-    {arm: {"step": [seconds per round], counter: [seconds per round], ...}}."""
+    a context manager factory, inside which that setting holds; each round
+    runs, for each arm, one untimed step and one timed one inside it, with
+    the counters of ``spent`` (a dict the step's timers add seconds to)
+    zeroed before the timed one. Returns {arm: {"step": [seconds per round],
+    counter: [seconds per round], ...}}."""
+    spent = {} if spent is None else spent
     names = list(arms)
     times = {name: {"step": [], **{k: [] for k in spent}} for name in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            arms[name]()
-            step()
-            spent.update(dict.fromkeys(spent, 0.0))
-            t0 = time.perf_counter()
-            step()
-            times[name]["step"].append(time.perf_counter() - t0)
+            with arms[name]():
+                step()
+                spent.update(dict.fromkeys(spent, 0.0))
+                t0 = time.perf_counter()
+                step()
+                times[name]["step"].append(time.perf_counter() - t0)
             for k, v in spent.items():
                 times[name][k].append(v)
     return times
+
+
+@contextlib.contextmanager
+def setting(owner, name, value):
+    """Inside: ``owner.name`` is ``value`` (an arm of ``alternate_steps``)."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 def bench_ours(args, images_host, labels_host):

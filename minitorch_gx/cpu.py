@@ -210,10 +210,11 @@ def side_by_side(first, second):
     its own ``run_blocks`` in place. Neither may read what the other writes;
     then the results are the same bits however the two were scheduled.
     ``second`` has finished when this returns, also when ``first`` raised."""
+    count = threads()
     with _OneBlasThread():
-        if threads() == 1 or getattr(_inside, "pool", False):
+        if count == 1 or getattr(_inside, "pool", False):
             return _in_block(first), _in_block(second)
-        future = _executor(threads()).submit(_in_block, second)
+        future = _executor(count).submit(_in_block, second)
         try:
             done_here = _in_block(first)
         except BaseException:

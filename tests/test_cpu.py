@@ -250,7 +250,6 @@ def test_gemms_in_blocks_run_on_one_blas_thread_whatever_the_thread_count(monkey
 def test_side_by_side_runs_the_second_piece_on_another_thread_at_the_same_time(monkeypatch):
     """With two threads each piece waits at a barrier for the other: run one
     after the other they could not both pass it (BrokenBarrierError, not a hang)."""
-    import threading
     monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
     meet = threading.Barrier(2, timeout=10)
 
@@ -268,7 +267,6 @@ def test_side_by_side_runs_the_second_piece_on_another_thread_at_the_same_time(m
 @pytest.mark.parametrize("where", ["one thread", "inside a block"])
 def test_side_by_side_runs_the_pieces_in_turn_here_when_the_threads_are_busy_or_one(
         monkeypatch, where):
-    import threading
     monkeypatch.setenv("MINITORCH_GX_THREADS", "1" if where == "one thread" else "2")
     order = []
 
@@ -390,7 +388,6 @@ def test_relu_gradient_into_gives_the_bits_of_gy_times_the_mask(dtype):
 
 @pytest.mark.skipif(cpu._blas_threads is None, reason="NumPy's BLAS is not an OpenBLAS found here")
 def test_callers_on_several_threads_give_openblas_its_threads_back(monkeypatch):
-    import threading
     get, put = cpu._blas_threads
     put(2)
     monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
@@ -409,7 +406,6 @@ def test_callers_on_several_threads_give_openblas_its_threads_back(monkeypatch):
 
 
 def _keepers():
-    import threading
     return [t for t in threading.enumerate() if t.name == "minitorch_gx-awake" and t.is_alive()]
 
 

@@ -145,8 +145,10 @@ class Conv2d(Function):
 
 # A kernel larger than 1x1 on the NumPy fast path computes gx and gW side
 # by side, gW on a second core (``cpu.side_by_side``): the two read gy, W
-# and x and write only their own results, so the bits are those of one
-# after the other. Their blocks are mostly small GEMMs and copies, which
+# and x and write only their own results, and each runs as a block does
+# (its GEMMs on one BLAS thread), so the bits depend neither on which
+# finishes first nor on the thread count (with one thread they run in
+# turn, the same way). Their blocks are mostly small GEMMs and copies, which
 # run on one core (``THREADED_GEMM_MACS``), so the other core idled. Whole
 # training steps inside ``cpu.cores_awake``, side by side and in turn
 # alternating in one process (benchmarks/bench_side_by_side.py), the
