@@ -1,5 +1,6 @@
-"""benchmarks/bench_side_by_side.py and bench_min_block.py, run as a user runs
-them: bad settings are one error line, and a short run reports every arm."""
+"""benchmarks/bench_side_by_side.py, bench_min_block.py and
+bench_gemm_orientation.py, run as a user runs them: bad settings are one
+error line, and a short run reports every arm."""
 import os
 import re
 import subprocess
@@ -24,7 +25,9 @@ def _run(script, *args, env=None):
     ("bench_min_block.py", ["--values", "524288"], {}, "two or more different values"),
     ("bench_min_block.py", ["--values", "1,x"], {}, "not a comma-separated list"),
     ("bench_min_block.py", ["--batch", "0"], {}, "--batch >= 1"),
-    ("bench_min_block.py", [], {"MINITORCH_GX_THREADS": "1"}, "needs 2 or more threads")])
+    ("bench_min_block.py", [], {"MINITORCH_GX_THREADS": "1"}, "needs 2 or more threads"),
+    ("bench_gemm_orientation.py", ["--rounds", "3"], {}, "an even --rounds >= 2"),
+    ("bench_gemm_orientation.py", ["--size", "16"], {}, "--size >= 32")])
 def test_bad_settings_are_one_line_before_any_work(script, args, env, message):
     done = _run(script, *args, env=env)
     assert done.returncode != 0
@@ -52,3 +55,15 @@ def test_min_block_reports_every_value():
         assert re.search(rf"\b{value}: step +\d+ ms, those passes +[\d.]+ ms \(bn forward [\d.]+, "
                          r"bn backward [\d.]+, add\+relu [\d.]+, relu backward [\d.]+, "
                          r"gradient adds [\d.]+\)", done.stdout), done.stdout
+
+
+def test_gemm_orientation_reports_both_ways_and_the_same_bits():
+    done = _run("bench_gemm_orientation.py", "--batch", "2", "--size", "32", "--rounds", "2")
+    assert done.returncode == 0, done.stderr
+    gemms = re.findall(r"^\S.*, (?:gW \(folded\)|y \(whole map\)) +\d+ +[\d.]+ +[\d.]+$",
+                       done.stdout, re.MULTILINE)
+    backwards = re.findall(r"^(.*\S) +\d +\d+ +[\d.]+ +[\d.]+ +(same|DIFF)$", done.stdout, re.MULTILINE)
+    assert gemms and backwards, done.stdout
+    assert all(bits == "same" for _, bits in backwards), done.stdout
+    assert re.search(r"with the rule in force \(cols @ gy\^T when oCg <= 32\): [\d.]+ ms",
+                     done.stdout), done.stdout

@@ -893,18 +893,40 @@ def _folded_backward_data(gy, W, g):
     return gx
 
 
+# The weight gradient's GEMM, gy (oCg, pixels) @ cols^T (pixels, iCg*R*S),
+# reads both of its operands along their rows: OpenBLAS's "NT" case, which
+# with few rows ran at 60% of the speed of the "NN" case here or less
+# (layer3's 4x4 maps at 64x64: 16.3 against 25.8 GMAC/s per block;
+# benchmarks/bench_gemm_orientation.py). With at most this many outputs per
+# group (ResNeXt's grouped convolutions: 8 to 32) the product is taken the
+# other way round, gW^T = cols @ gy^T, after copying gy^T (a small copy: oCg
+# values per pixel). The backward of the folded convolutions as
+# Conv2d.backward runs it, either way alternating in one process, medians:
+#   batch 16, 224x224: 56x56 stride 2 44.0 against 50.5 ms, 28x28 stride 2
+#     26.9 against 38.8, 14x14 stride 2 24.4 against 29.9, 7x7 13.3 against
+#     21.0; a step's 122 against 161 ms;
+#   batch 32, 64x64: a step's 68.7 against 75.7 ms (4x4 maps 5.44 against 6.47);
+# the stem's, with 64 outputs, took 15.5 against 11.7 ms at 64x64 taken
+# the other way round: hence the bound. (NumPy only: measured on OpenBLAS.)
+TRANSPOSED_WEIGHT_GRADIENT_MAX_OUT_CHANNELS = 32
+
+
 def _folded_backward_weight(gy, x, g):
     xp = backend.get_array_module(gy)
     x_mem = _stored(x, True)                                       # (C, N, H, W)
     gy_rows = _group_rows(_stored(gy, True), g.G)                 # (G, oCg, N, P*Q)
     gW = xp.zeros((g.G, g.oCg, g.iCg * g.R * g.S), gy.dtype)           # (G, oCg, iCg*R*S)
+    transposed = xp is numpy and g.oCg <= TRANSPOSED_WEIGHT_GRADIENT_MAX_OUT_CHANNELS
 
     def block(g0, g1, n0, m):
         cols = _scratch("cols", ((g1 - g0) * g.iCg, g.R, g.S, m, g.P, g.Q), x.dtype, xp)
         _im2col_block(x_mem[g0 * g.iCg:g1 * g.iCg, n0:n0 + m], g, cols)
+        cols = cols.reshape(g1 - g0, g.iCg * g.R * g.S, m * g.P * g.Q)
         gy_block = _view_as(gy_rows[g0:g1, :, n0:n0 + m], (g1 - g0, g.oCg, m * g.P * g.Q))
-        cols_t = cols.reshape(g1 - g0, g.iCg * g.R * g.S, m * g.P * g.Q).transpose(0, 2, 1)
-        return g0, g1, xp.matmul(gy_block, cols_t)
+        if transposed:
+            gy_t = xp.ascontiguousarray(gy_block.transpose(0, 2, 1))  # (groups, pixels, oCg)
+            return g0, g1, xp.matmul(cols, gy_t).transpose(0, 2, 1)
+        return g0, g1, xp.matmul(gy_block, cols.transpose(0, 2, 1))
 
     for g0, g1, partial in _folded_blocks(block, g, x.dtype.itemsize):
         gW[g0:g1] += partial   # each group's image blocks added in order
@@ -919,8 +941,8 @@ def _folded_backward_weight(gy, x, g):
 #   Wmap[(o, p, q), (i, h, w)] = W[o, i, r, s] where (h, w) is tap (r, s)
 #                                of output (p, q), else 0,
 # and each direction is one GEMM per group over the batch with no im2col:
-# y rows = x rows @ Wmap^T, gx rows = gy rows @ Wmap, gWmap = gy rows^T @ x
-# rows. Its N*oCg*P*Q*iCg*H*W multiply-adds are H*W / (R*S) of im2col's
+# y rows = x rows @ Wmap^T (Wmap^T built in its own memory), gx rows =
+# gy rows @ Wmap, gWmap = gy rows^T @ x rows. Its N*oCg*P*Q*iCg*H*W multiply-adds are H*W / (R*S) of im2col's
 # N*P*Q*oCg*iCg*R*S, and im2col's cost on such maps is not its GEMM but its
 # copies and zero fill-ins, runs of one or two values. Wmap is zeros with
 # each tap's weights written along a diagonal (``_tap_diagonals``), and gW
@@ -985,19 +1007,27 @@ def _from_image_rows(rows, shape, cnhw):
     return a
 
 
-def _weight_map(W, g):
+def _weight_map(W, g, transposed=False):
     """Wmap (G, oCg*P*Q, iCg*H*W) of W (K, iCg, R, S): zeros, and each tap's
-    weights written along its diagonal."""
+    weights written along its diagonal; ``transposed``: Wmap^T
+    (G, iCg*H*W, oCg*P*Q), in memory of its own (a GEMM with a transposed
+    view of Wmap as its right operand ran at half speed: as for
+    ``TRANSPOSED_WEIGHT_GRADIENT_MAX_OUT_CHANNELS``)."""
     xp = backend.get_array_module(W)
-    Wmap = xp.zeros((g.G, g.oCg, g.P, g.Q, g.iCg, g.H, g.W), W.dtype)
+    if transposed:
+        memory = xp.zeros((g.G, g.iCg, g.H, g.W, g.oCg, g.P, g.Q), W.dtype)
+        Wmap = memory.transpose(0, 4, 5, 6, 1, 2, 3)                 # (G, oCg, P, Q, iCg, H, W)
+    else:
+        memory = Wmap = xp.zeros((g.G, g.oCg, g.P, g.Q, g.iCg, g.H, g.W), W.dtype)
     Wg = W.reshape(g.G, g.oCg, g.iCg, g.R, g.S)
     for r, s, diagonal in _tap_diagonals(Wmap, g):
         diagonal[...] = Wg[:, :, None, None, :, r, s]   # the same weight at every (p, q)
-    return Wmap.reshape(g.G, g.oCg * g.P * g.Q, g.iCg * g.H * g.W)
+    outputs, inputs = g.oCg * g.P * g.Q, g.iCg * g.H * g.W
+    return memory.reshape((g.G, inputs, outputs) if transposed else (g.G, outputs, inputs))
 
 
 def _whole_map_forward(x, W, g):
-    y_rows = _image_rows(x, g.G) @ _weight_map(W, g).transpose(0, 2, 1)  # (G, N, oCg*P*Q)
+    y_rows = _image_rows(x, g.G) @ _weight_map(W, g, transposed=True)   # (G, N, oCg*P*Q)
     return _from_image_rows(y_rows, (g.N, g.K, g.P, g.Q), _is_cnhw(x))
 
 

@@ -569,6 +569,7 @@ def test_the_fast_path_keeps_cnhw_memory_and_gives_the_nchw_results(case):
     assert_close(gW, expected[2], 1e-10, scaled(expected[2], 1e-12), f"fast {case} mixed gW")
 
 
+@pytest.mark.parametrize("transposed_up_to", [0, 1 << 30], ids=["gy-cols^T", "cols-gy^T"])
 @pytest.mark.parametrize("fold_bytes", [1, 20000, conv.FOLD_BYTES])
 @pytest.mark.parametrize("case", [(3, 16, 7, 6, 16, 2, 3, 3, 1, 1),    # 8 per group
                                   (5, 64, 9, 9, 64, 8, 3, 3, 2, 1),    # stride 2, per tap
@@ -576,11 +577,14 @@ def test_the_fast_path_keeps_cnhw_memory_and_gives_the_nchw_results(case):
                                   (2, 24, 6, 5, 48, 3, 3, 3, (2, 1), (1, 1)),
                                   (2, 24, 6, 5, 48, 3, 3, 2, (2, 1), (1, 0))], ids=_case_id)
 def test_the_folded_grouped_conv_equals_the_reference_in_every_blocking(monkeypatch, case,
-                                                                       fold_bytes):
+                                                                       fold_bytes,
+                                                                       transposed_up_to):
     """CNHW grouped convolutions with >= 8 outputs per group run as one GEMM
     per group over the batch; the blocks of groups and images (one group and
-    one image each at fold_bytes=1) change nothing but the order of work."""
+    one image each at fold_bytes=1) change nothing but the order of work,
+    and the weight gradient is the same taken either way round."""
     monkeypatch.setattr(conv, "FOLD_BYTES", fold_bytes)
+    monkeypatch.setattr(conv, "TRANSPOSED_WEIGHT_GRADIENT_MAX_OUT_CHANNELS", transposed_up_to)
     monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 1 << 30)  # these maps are larger than 7x7
     x, W, gy, _ = _conv_data(case, numpy.float64, 6)
     g, stride, padding = case[5], case[8], case[9]
@@ -598,17 +602,21 @@ def test_the_folded_grouped_conv_equals_the_reference_in_every_blocking(monkeypa
         assert_close(a, b, 1e-10, scaled(b, 1e-12), f"folded {case} {name}")
 
 
+@pytest.mark.parametrize("transposed_up_to", [0, 1 << 30], ids=["gy-cols^T", "cols-gy^T"])
 @pytest.mark.parametrize("fold_bytes", [1, 20000, conv.FOLD_BYTES])
 @pytest.mark.parametrize("case", [(3, 3, 16, 14, 8, 1, 7, 7, 2, 3),        # the stem
                                   (2, 2, 8, 9, 5, 1, 3, 4, (2, 3), (1, 1)),
                                   (2, 4, 8, 8, 6, 1, 2, 2, 2, 0),          # no padding
                                   (2, 1, 12, 8, 3, 1, 5, 3, (3, 2), (2, 1))], ids=_case_id)
 def test_the_stems_kind_of_conv_runs_on_stride_phases_equal_to_the_reference(monkeypatch, case,
-                                                                             fold_bytes):
+                                                                             fold_bytes,
+                                                                             transposed_up_to):
     """A strided kernel over few channels in one group is folded, its im2col
     read from the image's stride phases by shifted copies; the blocks of
-    images (one each at fold_bytes=1) change nothing but the order of work."""
+    images (one each at fold_bytes=1) change nothing but the order of work,
+    nor does the orientation of the weight gradient's GEMM."""
     monkeypatch.setattr(conv, "FOLD_BYTES", fold_bytes)
+    monkeypatch.setattr(conv, "TRANSPOSED_WEIGHT_GRADIENT_MAX_OUT_CHANNELS", transposed_up_to)
     monkeypatch.setattr(conv, "STEM_MIN_OUT_CHANNELS", 1)  # these have few outputs
     x, W, gy, _ = _conv_data(case, numpy.float64, 7)
     stride, padding = case[8], case[9]
