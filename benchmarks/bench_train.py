@@ -93,9 +93,10 @@ def ours_step(args, images_host, labels_host):
 
 
 def cpu_step_for(args, needs):
-    """train.py's CPU step on resnext50_32x4d at --batch/--image_size, after
-    checking those and --rounds (and that there are two threads, which
-    ``needs`` names): one error line and exit 2 otherwise. Returns (step, threads)."""
+    """train.py's CPU step on resnext50_32x4d (or ``args.arch``, where the
+    caller has that option) at --batch/--image_size, after checking those
+    and --rounds (and that there are two threads, which ``needs`` names):
+    one error line and exit 2 otherwise. Returns (step, threads)."""
     if args.batch < 1 or args.image_size < 32 or args.rounds < 1:
         sys.exit("error: need --batch >= 1, --image_size >= 32 and --rounds >= 1")
     try:
@@ -104,7 +105,8 @@ def cpu_step_for(args, needs):
         sys.exit(f"error: {e}")
     if threads < 2:
         sys.exit(f"error: {needs} needs 2 or more threads (MINITORCH_GX_THREADS)")
-    step = ours_step(argparse.Namespace(device="cpu", arch="resnext50_32x4d", tf32=False),
+    arch = getattr(args, "arch", "resnext50_32x4d")
+    step = ours_step(argparse.Namespace(device="cpu", arch=arch, tf32=False),
                      *random_batch(args.batch, args.image_size))
     return step, threads
 

@@ -1,6 +1,6 @@
-"""benchmarks/bench_side_by_side.py, bench_min_block.py and
-bench_gemm_orientation.py, run as a user runs them: bad settings are one
-error line, and a short run reports every arm."""
+"""benchmarks/bench_side_by_side.py, bench_min_block.py,
+bench_gemm_orientation.py and bench_conv_threads.py, run as a user runs
+them: bad settings are one error line, and a short run reports every arm."""
 import os
 import re
 import subprocess
@@ -27,7 +27,9 @@ def _run(script, *args, env=None):
     ("bench_min_block.py", ["--batch", "0"], {}, "--batch >= 1"),
     ("bench_min_block.py", [], {"MINITORCH_GX_THREADS": "1"}, "needs 2 or more threads"),
     ("bench_gemm_orientation.py", ["--rounds", "3"], {}, "an even --rounds >= 2"),
-    ("bench_gemm_orientation.py", ["--size", "16"], {}, "--size >= 32")])
+    ("bench_gemm_orientation.py", ["--size", "16"], {}, "--size >= 32"),
+    ("bench_conv_threads.py", ["--rounds", "0"], {}, "--rounds >= 1"),
+    ("bench_conv_threads.py", [], {"MINITORCH_GX_THREADS": "1"}, "needs 2 or more threads")])
 def test_bad_settings_are_one_line_before_any_work(script, args, env, message):
     done = _run(script, *args, env=env)
     assert done.returncode != 0
@@ -67,3 +69,15 @@ def test_gemm_orientation_reports_both_ways_and_the_same_bits():
     assert all(bits == "same" for _, bits in backwards), done.stdout
     assert re.search(r"with the rule in force \(cols @ gy\^T when oCg <= 32\): [\d.]+ ms",
                      done.stdout), done.stdout
+
+
+def test_conv_threads_reports_both_ways_and_the_rounds():
+    done = _run("bench_conv_threads.py", "--arch", "resnext_mini", "--batch", "2",
+                "--image_size", "32", "--rounds", "2", env={"MINITORCH_GX_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    for way in ("split", "one thread"):
+        assert re.search(re.escape(way.ljust(10)) + r": median step +\d+ ms, forward of the "
+                         r"grouped convolutions +[\d.]+ ms, of the stem +[\d.]+ ms",
+                         done.stdout), done.stdout
+    for what in ("step", "grouped forward", "stem forward"):
+        assert re.search(rf"{what}: split faster in [0-2] of 2 rounds", done.stdout), done.stdout

@@ -148,13 +148,16 @@ class Conv2d(Function):
 # and x and write only their own results, and each runs as a block does
 # (its GEMMs on one BLAS thread), so the bits depend neither on which
 # finishes first nor on the thread count (with one thread they run in
-# turn, the same way). Their blocks are mostly small GEMMs and copies, which
-# run on one core (``THREADED_GEMM_MACS``), so the other core idled. Whole
+# turn, the same way). Their blocks are mostly small GEMMs and copies, and
+# one after the other each gradient's ran on one core, so the other idled. Whole
 # training steps inside ``cpu.cores_awake``, side by side and in turn
 # alternating in one process (benchmarks/bench_side_by_side.py), the
 # backward of ResNeXt's kernels larger than 1x1 took, medians:
 #   batch 32, 64x64:   157.0 against 184.3 ms (faster in 10 of 12 rounds);
-#   batch 16, 224x224: 489.8 against 618.1 ms (faster in 5 of 5).
+#   batch 16, 224x224: 489.8 against 618.1 ms (faster in 5 of 5);
+# and since each gradient's blocks, in turn, are split over the threads
+# too (THREADED_BLOCKS): 133.4 against 152.5 ms (7 of 10) and 428.9
+# against 455.5 ms (3 of 5).
 # 1x1 convolutions stay in turn: their GEMMs already use both cores
 # through OpenBLAS's threads; side by side, each on one BLAS thread, their
 # backward took 372.0 against 367.8 ms at 64x64 (faster in 5 of 10; --with-1x1).
@@ -399,26 +402,32 @@ def _map_chunks(fn, g, itemsize, xp):
     per_image = g.C * g.S * g.phases * g.H2 * g.Q * itemsize
     n = max(1, min(g.N, CHUNK_BYTES // per_image))
     chunks = [(n0, min(n, g.N - n0)) for n0 in range(0, g.N, n)]
-    threaded = _threaded(g.oCg * g.iCg * g.S * g.P * g.Q)  # one matmul per image, group, row
-    parts = cpu.run_blocks(lambda a, b: [fn(*chunks[i]) for i in range(a, b)], len(chunks),
-                           min_rows=1 if threaded else len(chunks))
+    parts = _run_blocks(lambda a, b: [fn(*chunks[i]) for i in range(a, b)], len(chunks))
     return [result for part in parts for result in part]
 
 
-# A convolution's blocks go over the threads only when its GEMMs are large
-# (the stem's: 64 x 147 x 5120 multiply-adds per block at 64x64). The blocks
-# of grouped convolutions are many small copies and small GEMMs, and inside a
-# training step they ran faster on one thread than split over two. Timed call
-# by call within steps, split and not on alternate steps, the grouped
-# convolutions of a batch-32 64x64 step took 229 against 247 ms, of a
-# batch-16 224x224 step 944 against 1085 ms; whole steps, ABBA-ordered in one
-# process, 44 ms faster at 64x64 (median of 8 quads, 7 faster).
-THREADED_GEMM_MACS = 1 << 23
+# A convolution's blocks (the chunks of images above, the folded path's
+# blocks of groups and images below) go over the threads, each block's
+# GEMMs on one BLAS thread. In a backward the input and weight gradients
+# already run side by side, one on each core (``_side_by_side``), and the
+# blocks inside each run in place; so what this splits is the forward's.
+# Whole training steps, the blocks split and run on the calling thread
+# alternating in ABBA rounds in one process (benchmarks/bench_conv_threads.py),
+# the forward of the grouped convolutions and of the stem took, medians:
+#   batch 32, 64x64:   67.2 against 79.3 ms (faster in 10 of 12 rounds),
+#                      13.3 against 14.9 (9 of 12);
+#   batch 16, 224x224: 167.3 against 252.2 ms (4 of 4), 51.6 against 82.3 (4 of 4);
+#   the demo's resnext_mini, batch 32, 48x48: 4.5 against 4.4 ms (25 of 60),
+#                      3.0 against 3.6 (41 of 60).
+# (Until this was measured only blocks whose GEMMs had 8M multiply-adds or
+# more were split: of ResNeXt50's convolutions, the stem's.)
+THREADED_BLOCKS = True
 
 
-def _threaded(macs):
-    """Whether blocks whose GEMMs have ``macs`` multiply-adds each are worth the threads."""
-    return macs >= THREADED_GEMM_MACS
+def _run_blocks(fn, n):
+    """cpu.run_blocks over n blocks of a convolution, split over the threads
+    unless THREADED_BLOCKS is off (a benchmark's setting)."""
+    return cpu.run_blocks(fn, n, min_rows=1 if THREADED_BLOCKS else n)
 
 
 class _Geometry:
@@ -612,8 +621,8 @@ def _pointwise_backward_weight(gy, x, g, out=None):
 # side by side, and one GEMM per group gives that group's rows of y's CNHW
 # memory:  y[g] (oCg, N*P*Q) = W[g] (oCg, iCg*R*S) @ cols.  Groups and
 # images go in blocks whose cols fit in FOLD_BYTES, and the threads take
-# fixed runs of those blocks when their GEMMs are large (THREADED_GEMM_MACS,
-# below: disjoint rows of y and gx; gW's partial sums added in order). On
+# fixed runs of those blocks (THREADED_BLOCKS, above: disjoint rows of y
+# and gx; gW's partial sums added in order). On
 # larger maps MEC is faster: cols is R times its lowered block. Strided
 # kernels are the exception: MEC's strided copies and its gradient's strided
 # adds ran 8 elements at a time on 8x8 outputs. When x splits into stride
@@ -696,9 +705,7 @@ def _folded_blocks(fn, g, itemsize):
     per_groups, images = _fold_blocks(g, itemsize)
     work = [(a, min(a + per_groups, g.G), n0, min(images, g.N - n0))
             for a in range(0, g.G, per_groups) for n0 in range(0, g.N, images)]
-    threaded = _threaded(g.oCg * g.iCg * g.R * g.S * images * g.P * g.Q)  # a GEMM per group
-    parts = cpu.run_blocks(lambda i, j: [fn(*work[k]) for k in range(i, j)], len(work),
-                           min_rows=1 if threaded else len(work))
+    parts = _run_blocks(lambda i, j: [fn(*work[k]) for k in range(i, j)], len(work))
     return [result for part in parts for result in part]
 
 

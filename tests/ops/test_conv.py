@@ -779,24 +779,28 @@ def test_which_convolutions_run_as_the_dense_map_of_whole_images(x_shape, W_shap
     assert conv._whole_map(g) == whole
 
 
-@pytest.mark.parametrize("x_shape, W_shape, stride, groups, split", [
-    ((8, 3, 64, 64), (64, 3, 7, 7), 2, 1, True),        # the stem: large GEMMs
-    ((8, 512, 4, 4), (512, 16, 3, 3), 1, 32, False),    # folded, small GEMMs per group
-    ((8, 128, 16, 16), (128, 4, 3, 3), 1, 32, False),   # MEC, small GEMMs per image
-    ((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, True)])     # MEC, one group of 64: large
-def test_only_convolutions_of_large_gemms_split_their_blocks_over_threads(
-        monkeypatch, x_shape, W_shape, stride, groups, split):
+@pytest.mark.parametrize("threaded", [True, False])
+@pytest.mark.parametrize("x_shape, W_shape, stride, groups", [
+    ((4, 3, 16, 16), (64, 3, 7, 7), 2, 1),      # the stem, folded on stride phases
+    ((4, 128, 4, 4), (128, 8, 3, 3), 1, 16),    # folded, small GEMMs per group
+    ((4, 64, 8, 8), (64, 2, 3, 3), 1, 32),      # MEC, small GEMMs per image
+    ((4, 16, 8, 8), (16, 16, 3, 3), 1, 1)])     # MEC, one group
+def test_a_forward_splits_its_blocks_over_the_threads_unless_told_not_to(
+        monkeypatch, x_shape, W_shape, stride, groups, threaded):
+    monkeypatch.setattr(conv, "THREADED_BLOCKS", threaded)
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(conv, "FOLD_BYTES", 1)   # one group and one image per block
     calls = []
     real = conv.cpu.run_blocks
 
     def spy(fn, n, min_rows=1):
-        calls.append(n >= 2 * min_rows)
+        calls.append((n, n >= 2 * min_rows))
         return real(fn, n, min_rows)
 
     monkeypatch.setattr(conv.cpu, "run_blocks", spy)
     x = cnhw(numpy.ones(x_shape, numpy.float32), numpy.array)
     conv._forward_fast(x, numpy.ones(W_shape, numpy.float32), stride, W_shape[2] // 2, groups)
-    assert calls and set(calls) == {split}
+    assert calls and all(n >= 4 and split == threaded for n, split in calls), calls
 
 
 @pytest.mark.parametrize("x_shape, W_shape, stride, groups", [
