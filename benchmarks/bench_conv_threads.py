@@ -8,8 +8,9 @@ A convolution's NumPy fast path works in blocks (chunks of images for MEC,
 blocks of groups and images when folded: minitorch_gx/ops/conv.py). Whole
 training steps (train.py's step, as in bench_train.py, inside
 ``cpu.cores_awake`` as train.py's are) alternate in ABBA order in one
-process between those blocks split over the threads and run one after
-the other on the calling thread; each round times one step of each after
+process between those blocks split over the threads (for convolutions of
+``THREADED_MIN_MACS`` multiply-adds or more) and run one after the other
+on the calling thread; each round times one step of each after
 an untimed one. In a backward the input and weight gradients run side by
 side, one per core, and their blocks in place either way: what differs is
 the forward's. Printed for each: the median step and the median times of

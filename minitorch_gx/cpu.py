@@ -28,9 +28,9 @@ a result never depends on which thread ran first. A hand-off to a thread
 costs far more on a VM than the "tens of microseconds" one might expect
 (0.1 to 0.8 ms here once the thread has idled), so only work that gains more
 than that is split: passes of at least 2 x ``min_block_elements()`` elements
-(1M inside ``cores_awake``, below, 4M outside it), and a convolution's
-blocks of images or groups, each a lowering and its GEMMs
-(``ops/conv.py``, THREADED_BLOCKS).
+(1M inside ``cores_awake``, below, 4M outside it), and the blocks of
+images or groups of a convolution of 16M multiply-adds or more, each a
+lowering and its GEMMs (``ops/conv.py``, THREADED_MIN_MACS).
 ``side_by_side(first, second)`` runs two independent pieces of work at once,
 the second on a pool thread: a convolution's input and weight gradients,
 whose small GEMMs and copies would leave the other core idle (``ops/conv.py``).

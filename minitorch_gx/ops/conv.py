@@ -402,7 +402,7 @@ def _map_chunks(fn, g, itemsize, xp):
     per_image = g.C * g.S * g.phases * g.H2 * g.Q * itemsize
     n = max(1, min(g.N, CHUNK_BYTES // per_image))
     chunks = [(n0, min(n, g.N - n0)) for n0 in range(0, g.N, n)]
-    parts = _run_blocks(lambda a, b: [fn(*chunks[i]) for i in range(a, b)], len(chunks))
+    parts = _run_blocks(lambda a, b: [fn(*chunks[i]) for i in range(a, b)], len(chunks), g)
     return [result for part in parts for result in part]
 
 
@@ -420,14 +420,21 @@ def _map_chunks(fn, g, itemsize, xp):
 #   the demo's resnext_mini, batch 32, 48x48: 4.5 against 4.4 ms (25 of 60),
 #                      3.0 against 3.6 (41 of 60).
 # (Until this was measured only blocks whose GEMMs had 8M multiply-adds or
-# more were split: of ResNeXt50's convolutions, the stem's.)
+# more were split: of ResNeXt50's convolutions, the stem's.) Smaller
+# convolutions stay on the calling thread: the demo's grouped ones (5 to 9M
+# multiply-adds at batch 32, 48x48), split too, made its whole step slower,
+# 71 against 65 ms (faster in 33 of 100 rounds), though their forward alone
+# took the same time (5.2 against 5.1 ms).
 THREADED_BLOCKS = True
+THREADED_MIN_MACS = 1 << 24  # ResNeXt50's grouped convolutions at batch 32, 64x64: 37.7M
 
 
-def _run_blocks(fn, n):
-    """cpu.run_blocks over n blocks of a convolution, split over the threads
-    unless THREADED_BLOCKS is off (a benchmark's setting)."""
-    return cpu.run_blocks(fn, n, min_rows=1 if THREADED_BLOCKS else n)
+def _run_blocks(fn, n, g):
+    """cpu.run_blocks over the n blocks of convolution g: split over the
+    threads when it has THREADED_MIN_MACS multiply-adds or more, unless
+    THREADED_BLOCKS is off (a benchmark's setting)."""
+    split = THREADED_BLOCKS and g.macs >= THREADED_MIN_MACS
+    return cpu.run_blocks(fn, n, min_rows=1 if split else n)
 
 
 class _Geometry:
@@ -442,6 +449,7 @@ class _Geometry:
                                      (self.ph, self.pw))
         self.phases = min(self.sh, self.R)             # row phases some kernel row reads
         self.H2 = self.P + (self.R - 1) // self.sh     # rows kept per phase
+        self.macs = self.N * self.K * self.P * self.Q * self.iCg * self.R * self.S
 
     def is_pointwise(self):
         return self.R == self.S == 1 and self.ph == self.pw == 0
@@ -705,7 +713,7 @@ def _folded_blocks(fn, g, itemsize):
     per_groups, images = _fold_blocks(g, itemsize)
     work = [(a, min(a + per_groups, g.G), n0, min(images, g.N - n0))
             for a in range(0, g.G, per_groups) for n0 in range(0, g.N, images)]
-    parts = _run_blocks(lambda i, j: [fn(*work[k]) for k in range(i, j)], len(work))
+    parts = _run_blocks(lambda i, j: [fn(*work[k]) for k in range(i, j)], len(work), g)
     return [result for part in parts for result in part]
 
 

@@ -785,9 +785,11 @@ def test_which_convolutions_run_as_the_dense_map_of_whole_images(x_shape, W_shap
     ((4, 128, 4, 4), (128, 8, 3, 3), 1, 16),    # folded, small GEMMs per group
     ((4, 64, 8, 8), (64, 2, 3, 3), 1, 32),      # MEC, small GEMMs per image
     ((4, 16, 8, 8), (16, 16, 3, 3), 1, 1)])     # MEC, one group
-def test_a_forward_splits_its_blocks_over_the_threads_unless_told_not_to(
-        monkeypatch, x_shape, W_shape, stride, groups, threaded):
+@pytest.mark.parametrize("min_macs, large_enough", [(0, True), (1 << 40, False)])
+def test_a_forward_splits_its_blocks_over_the_threads_when_large_enough(
+        monkeypatch, x_shape, W_shape, stride, groups, threaded, min_macs, large_enough):
     monkeypatch.setattr(conv, "THREADED_BLOCKS", threaded)
+    monkeypatch.setattr(conv, "THREADED_MIN_MACS", min_macs)
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1)  # one image per chunk
     monkeypatch.setattr(conv, "FOLD_BYTES", 1)   # one group and one image per block
     calls = []
@@ -800,7 +802,18 @@ def test_a_forward_splits_its_blocks_over_the_threads_unless_told_not_to(
     monkeypatch.setattr(conv.cpu, "run_blocks", spy)
     x = cnhw(numpy.ones(x_shape, numpy.float32), numpy.array)
     conv._forward_fast(x, numpy.ones(W_shape, numpy.float32), stride, W_shape[2] // 2, groups)
-    assert calls and all(n >= 4 and split == threaded for n, split in calls), calls
+    assert calls and all(n >= 4 and split == (threaded and large_enough)
+                         for n, split in calls), calls
+
+
+def test_the_threshold_splits_resnext50s_grouped_convolutions_and_not_the_demos():
+    at = {"resnext50_32x4d, batch 32, 64x64, layer1": ((32, 128, 16, 16), (128, 4, 3, 3)),
+          "resnext_mini, batch 32, 48x48, layer1": ((32, 32, 12, 12), (32, 4, 3, 3))}
+    macs = {name: conv._Geometry(x, W, 1, 1, 32 if x[1] == 128 else 8).macs
+            for name, (x, W) in at.items()}
+    assert macs["resnext50_32x4d, batch 32, 64x64, layer1"] == 32 * 128 * 256 * 4 * 9
+    assert macs["resnext50_32x4d, batch 32, 64x64, layer1"] >= conv.THREADED_MIN_MACS
+    assert macs["resnext_mini, batch 32, 48x48, layer1"] < conv.THREADED_MIN_MACS
 
 
 @pytest.mark.parametrize("x_shape, W_shape, stride, groups", [
