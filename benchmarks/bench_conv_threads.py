@@ -1,4 +1,4 @@
-"""What splitting a convolution's blocks over the threads (``THREADED_BLOCKS``) does to CPU steps.
+"""What splitting a convolution's blocks over the threads (``THREADED_MIN_MACS``) does to CPU steps.
 
     python benchmarks/bench_conv_threads.py                     # batch 32, 64x64, 12 rounds
     python benchmarks/bench_conv_threads.py --batch 16 --image_size 224 --rounds 4
@@ -8,9 +8,9 @@ A convolution's NumPy fast path works in blocks (chunks of images for MEC,
 blocks of groups and images when folded: minitorch_gx/ops/conv.py). Whole
 training steps (train.py's step, as in bench_train.py, inside
 ``cpu.cores_awake`` as train.py's are) alternate in ABBA order in one
-process between those blocks split over the threads (for convolutions of
-``THREADED_MIN_MACS`` multiply-adds or more) and run one after the other
-on the calling thread; each round times one step of each after
+process between every convolution's blocks split over the threads and
+none (``THREADED_MIN_MACS`` 0 and unreachable; the rule in between splits
+those of 16M multiply-adds or more); each round times one step of each after
 an untimed one. In a backward the input and weight gradients run side by
 side, one per core, and their blocks in place either way: what differs is
 the forward's. Printed for each: the median step and the median times of
@@ -31,7 +31,7 @@ from bench_train import alternate_steps, cpu_step_for, setting  # noqa: E402  (t
 from minitorch_gx import cpu  # noqa: E402
 from minitorch_gx.ops import conv as ops_conv  # noqa: E402
 
-WAYS = {"split": True, "one thread": False}  # THREADED_BLOCKS for each
+WAYS = {"split": 0, "one thread": 1 << 62}  # THREADED_MIN_MACS for each
 
 
 def time_forwards(spent):
@@ -62,7 +62,7 @@ def main():
     step, threads = cpu_step_for(args, "splitting")
     spent = {"grouped": 0.0, "stem": 0.0}
     time_forwards(spent)
-    arms = {way: functools.partial(setting, ops_conv, "THREADED_BLOCKS", value)
+    arms = {way: functools.partial(setting, ops_conv, "THREADED_MIN_MACS", value)
             for way, value in WAYS.items()}
     with cpu.cores_awake():
         print(f"threads: {threads}; {args.arch}, batch {args.batch}, "

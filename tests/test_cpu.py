@@ -98,8 +98,7 @@ def _split_every_pass(monkeypatch):
 
 def test_threads_never_change_a_result(monkeypatch):
     _split_every_pass(monkeypatch)  # split even these small arrays
-    monkeypatch.setattr(conv, "THREADED_BLOCKS", True)  # and every convolution's blocks
-    monkeypatch.setattr(conv, "THREADED_MIN_MACS", 0)
+    monkeypatch.setattr(conv, "THREADED_MIN_MACS", 0)  # and every convolution's blocks
     monkeypatch.setattr(conv, "FOLD_BYTES", 30000)  # blocks of groups and of images
     monkeypatch.setattr(conv, "FOLD_MAX_PIXELS", 1 << 30)  # fold these 14x14 maps too
     results = {}
@@ -165,7 +164,6 @@ def test_a_training_step_is_the_same_with_one_thread_and_two(monkeypatch, arch, 
     from resnext.model import build_model
     x, labels = _input(kind), np.random.default_rng(3).integers(0, 10, 4)
     _split_every_pass(monkeypatch)
-    monkeypatch.setattr(conv, "THREADED_BLOCKS", True)
     monkeypatch.setattr(conv, "THREADED_MIN_MACS", 0)
     params = {}
     for count in ("1", "2"):
@@ -504,7 +502,6 @@ def test_passes_split_from_a_smaller_size_while_the_cores_are_kept_awake(monkeyp
 def test_keeping_the_cores_awake_changes_no_bit(monkeypatch):
     monkeypatch.setenv("MINITORCH_GX_THREADS", "2")
     _split_every_pass(monkeypatch)  # every pass split: hand-offs
-    monkeypatch.setattr(conv, "THREADED_BLOCKS", True)
     monkeypatch.setattr(conv, "THREADED_MIN_MACS", 0)
     asleep = _step_outputs()
     with cpu.cores_awake() as awake:

@@ -149,14 +149,14 @@ class Conv2d(Function):
 # (its GEMMs on one BLAS thread), so the bits depend neither on which
 # finishes first nor on the thread count (with one thread they run in
 # turn, the same way). Their blocks are mostly small GEMMs and copies, and
-# one after the other each gradient's ran on one core, so the other idled. Whole
+# one after the other, each on one core then, they left the other idle. Whole
 # training steps inside ``cpu.cores_awake``, side by side and in turn
 # alternating in one process (benchmarks/bench_side_by_side.py), the
 # backward of ResNeXt's kernels larger than 1x1 took, medians:
 #   batch 32, 64x64:   157.0 against 184.3 ms (faster in 10 of 12 rounds);
 #   batch 16, 224x224: 489.8 against 618.1 ms (faster in 5 of 5);
-# and since each gradient's blocks, in turn, are split over the threads
-# too (THREADED_BLOCKS): 133.4 against 152.5 ms (7 of 10) and 428.9
+# and against the two in turn with each one's blocks split over the
+# threads (THREADED_MIN_MACS): 133.4 against 152.5 ms (7 of 10) and 428.9
 # against 455.5 ms (3 of 5).
 # 1x1 convolutions stay in turn: their GEMMs already use both cores
 # through OpenBLAS's threads; side by side, each on one BLAS thread, their
@@ -406,35 +406,34 @@ def _map_chunks(fn, g, itemsize, xp):
     return [result for part in parts for result in part]
 
 
-# A convolution's blocks (the chunks of images above, the folded path's
-# blocks of groups and images below) go over the threads, each block's
-# GEMMs on one BLAS thread. In a backward the input and weight gradients
-# already run side by side, one on each core (``_side_by_side``), and the
-# blocks inside each run in place; so what this splits is the forward's.
-# Whole training steps, the blocks split and run on the calling thread
-# alternating in ABBA rounds in one process (benchmarks/bench_conv_threads.py),
-# the forward of the grouped convolutions and of the stem took, medians:
+# A convolution of at least THREADED_MIN_MACS multiply-adds splits its
+# blocks (the chunks of images above, the folded path's blocks of groups
+# and images below) over the threads, each block's GEMMs on one BLAS
+# thread. In a backward the input and weight gradients run side by side,
+# one on each core (``_side_by_side``), and the blocks inside each run in
+# place; so what this splits is the forward, and a weight gradient computed
+# alone (the stem's: the image needs no gradient). Whole training steps,
+# every convolution's blocks split and none, alternating in ABBA rounds in
+# one process (benchmarks/bench_conv_threads.py), the forward of the
+# grouped convolutions and of the stem took, medians:
 #   batch 32, 64x64:   67.2 against 79.3 ms (faster in 10 of 12 rounds),
 #                      13.3 against 14.9 (9 of 12);
 #   batch 16, 224x224: 167.3 against 252.2 ms (4 of 4), 51.6 against 82.3 (4 of 4);
 #   the demo's resnext_mini, batch 32, 48x48: 4.5 against 4.4 ms (25 of 60),
-#                      3.0 against 3.6 (41 of 60).
-# (Until this was measured only blocks whose GEMMs had 8M multiply-adds or
-# more were split: of ResNeXt50's convolutions, the stem's.) Smaller
-# convolutions stay on the calling thread: the demo's grouped ones (5 to 9M
-# multiply-adds at batch 32, 48x48), split too, made its whole step slower,
-# 71 against 65 ms (faster in 33 of 100 rounds), though their forward alone
-# took the same time (5.2 against 5.1 ms).
-THREADED_BLOCKS = True
-THREADED_MIN_MACS = 1 << 24  # ResNeXt50's grouped convolutions at batch 32, 64x64: 37.7M
+#                      3.0 against 3.6 (41 of 60), and its whole step 71
+#                      against 65 ms (faster in 33 of 100 rounds).
+# Hence the bound: the demo's grouped convolutions (5 to 9M multiply-adds
+# there) stay on the calling thread, and with it its step took 68 against
+# 65 ms (49 of 100: no difference). ResNeXt50's have 37.7M at batch 32,
+# 64x64. (Before, only blocks whose GEMMs had 8M multiply-adds or more were
+# split: of ResNeXt50's convolutions, the stem's.)
+THREADED_MIN_MACS = 1 << 24
 
 
 def _run_blocks(fn, n, g):
-    """cpu.run_blocks over the n blocks of convolution g: split over the
-    threads when it has THREADED_MIN_MACS multiply-adds or more, unless
-    THREADED_BLOCKS is off (a benchmark's setting)."""
-    split = THREADED_BLOCKS and g.macs >= THREADED_MIN_MACS
-    return cpu.run_blocks(fn, n, min_rows=1 if split else n)
+    """cpu.run_blocks over the n blocks of convolution g, split over the
+    threads when g has THREADED_MIN_MACS multiply-adds or more."""
+    return cpu.run_blocks(fn, n, min_rows=1 if g.macs >= THREADED_MIN_MACS else n)
 
 
 class _Geometry:
@@ -629,7 +628,7 @@ def _pointwise_backward_weight(gy, x, g, out=None):
 # side by side, and one GEMM per group gives that group's rows of y's CNHW
 # memory:  y[g] (oCg, N*P*Q) = W[g] (oCg, iCg*R*S) @ cols.  Groups and
 # images go in blocks whose cols fit in FOLD_BYTES, and the threads take
-# fixed runs of those blocks (THREADED_BLOCKS, above: disjoint rows of y
+# fixed runs of those blocks (THREADED_MIN_MACS, above: disjoint rows of y
 # and gx; gW's partial sums added in order). On
 # larger maps MEC is faster: cols is R times its lowered block. Strided
 # kernels are the exception: MEC's strided copies and its gradient's strided
@@ -957,8 +956,8 @@ def _folded_backward_weight(gy, x, g):
 #                                of output (p, q), else 0,
 # and each direction is one GEMM per group over the batch with no im2col:
 # y rows = x rows @ Wmap^T (Wmap^T built in its own memory), gx rows =
-# gy rows @ Wmap, gWmap = gy rows^T @ x rows. Its N*oCg*P*Q*iCg*H*W multiply-adds are H*W / (R*S) of im2col's
-# N*P*Q*oCg*iCg*R*S, and im2col's cost on such maps is not its GEMM but its
+# gy rows @ Wmap, gWmap = gy rows^T @ x rows. Its N*oCg*P*Q*iCg*H*W
+# multiply-adds are H*W / (R*S) of im2col's N*P*Q*oCg*iCg*R*S, and im2col's cost on such maps is not its GEMM but its
 # copies and zero fill-ins, runs of one or two values. Wmap is zeros with
 # each tap's weights written along a diagonal (``_tap_diagonals``), and gW
 # is gWmap summed along the same diagonals. Forward + input gradient +

@@ -779,16 +779,14 @@ def test_which_convolutions_run_as_the_dense_map_of_whole_images(x_shape, W_shap
     assert conv._whole_map(g) == whole
 
 
-@pytest.mark.parametrize("threaded", [True, False])
 @pytest.mark.parametrize("x_shape, W_shape, stride, groups", [
     ((4, 3, 16, 16), (64, 3, 7, 7), 2, 1),      # the stem, folded on stride phases
     ((4, 128, 4, 4), (128, 8, 3, 3), 1, 16),    # folded, small GEMMs per group
     ((4, 64, 8, 8), (64, 2, 3, 3), 1, 32),      # MEC, small GEMMs per image
     ((4, 16, 8, 8), (16, 16, 3, 3), 1, 1)])     # MEC, one group
-@pytest.mark.parametrize("min_macs, large_enough", [(0, True), (1 << 40, False)])
+@pytest.mark.parametrize("min_macs, split", [(0, True), (1 << 40, False)])
 def test_a_forward_splits_its_blocks_over_the_threads_when_large_enough(
-        monkeypatch, x_shape, W_shape, stride, groups, threaded, min_macs, large_enough):
-    monkeypatch.setattr(conv, "THREADED_BLOCKS", threaded)
+        monkeypatch, x_shape, W_shape, stride, groups, min_macs, split):
     monkeypatch.setattr(conv, "THREADED_MIN_MACS", min_macs)
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1)  # one image per chunk
     monkeypatch.setattr(conv, "FOLD_BYTES", 1)   # one group and one image per block
@@ -802,18 +800,18 @@ def test_a_forward_splits_its_blocks_over_the_threads_when_large_enough(
     monkeypatch.setattr(conv.cpu, "run_blocks", spy)
     x = cnhw(numpy.ones(x_shape, numpy.float32), numpy.array)
     conv._forward_fast(x, numpy.ones(W_shape, numpy.float32), stride, W_shape[2] // 2, groups)
-    assert calls and all(n >= 4 and split == (threaded and large_enough)
-                         for n, split in calls), calls
+    assert calls and all(n >= 4 and splits == split for n, splits in calls), calls
 
 
-def test_the_threshold_splits_resnext50s_grouped_convolutions_and_not_the_demos():
-    at = {"resnext50_32x4d, batch 32, 64x64, layer1": ((32, 128, 16, 16), (128, 4, 3, 3)),
-          "resnext_mini, batch 32, 48x48, layer1": ((32, 32, 12, 12), (32, 4, 3, 3))}
-    macs = {name: conv._Geometry(x, W, 1, 1, 32 if x[1] == 128 else 8).macs
-            for name, (x, W) in at.items()}
-    assert macs["resnext50_32x4d, batch 32, 64x64, layer1"] == 32 * 128 * 256 * 4 * 9
-    assert macs["resnext50_32x4d, batch 32, 64x64, layer1"] >= conv.THREADED_MIN_MACS
-    assert macs["resnext_mini, batch 32, 48x48, layer1"] < conv.THREADED_MIN_MACS
+@pytest.mark.parametrize("x_shape, W_shape, groups, split", [
+    ((32, 128, 16, 16), (128, 4, 3, 3), 32, True),   # ResNeXt50's layer1, batch 32, 64x64
+    ((32, 32, 12, 12), (32, 4, 3, 3), 8, False)])    # the demo's resnext_mini, 48x48
+def test_the_bound_splits_resnext50s_grouped_convolutions_and_not_the_demos(
+        x_shape, W_shape, groups, split):
+    g = conv._Geometry(x_shape, W_shape, 1, 1, groups)
+    N, C, H, W = x_shape
+    assert g.macs == N * W_shape[0] * H * W * W_shape[1] * 9  # every output, every tap
+    assert (g.macs >= conv.THREADED_MIN_MACS) == split
 
 
 @pytest.mark.parametrize("x_shape, W_shape, stride, groups", [
