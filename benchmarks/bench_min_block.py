@@ -4,6 +4,7 @@
     python benchmarks/bench_min_block.py --values 1048576,524288,262144 --rounds 12
     python benchmarks/bench_min_block.py --batch 16 --image_size 224 --rounds 4
     MINITORCH_GX_KEEP_AWAKE=0 python benchmarks/bench_min_block.py   # cores free to halt
+    python benchmarks/bench_min_block.py --vary bn_piece_bytes   # batch norm's pieces: 4 MiB against 1 MiB
 
 Batch norm's and the element-wise passes split into blocks over the threads
 only when each block gets at least ``min_block_elements()`` elements:
@@ -17,6 +18,9 @@ element-wise passes (add + ReLU, the ReLU's gradient, gradients added where
 a tensor feeds two ops). Printed per value: the medians of the step, of each
 of those and of their sum. Per-op sums are steadier than whole steps on a
 shared machine. The value changes no bit of a result (tests/test_cpu.py).
+``--vary bn_piece_bytes`` alternates ``minitorch_gx.ops.norm.PIECE_BYTES``
+instead, the size of the pieces of channels batch norm's passes go over
+while they are in cache (it changes no bit either: tests/test_norm.py).
 """
 import argparse
 import functools
@@ -38,6 +42,13 @@ TIMED = {"bn forward": (norm, "batch_norm_train_forward"),
          "relu backward": (basic, "_relu_backward_fast"),
          "gradient adds": (basic, "_add_arrays_fast")}
 
+# --vary: (awake -> (module, setting name), default --values)
+VARIED = {
+    "min_block": (lambda awake: (cpu, "MIN_BLOCK_ELEMENTS_AWAKE" if awake else "MIN_BLOCK_ELEMENTS"),
+                  f"{1 << 21},{1 << 19}"),
+    "bn_piece_bytes": (lambda awake: (norm, "PIECE_BYTES"), f"{4 << 20},{1 << 20}"),
+}
+
 
 def time_passes(spent):
     """Wrap each function of TIMED so that it adds its time to spent[its name]."""
@@ -58,9 +69,15 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--values", default=f"{1 << 21},{1 << 19}",
-                   help="comma-separated MIN_BLOCK_ELEMENTS values to alternate")
+    p.add_argument("--vary", choices=sorted(VARIED), default="min_block",
+                   help="the setting to alternate: min_block_elements() or batch norm's "
+                        "PIECE_BYTES")
+    p.add_argument("--values", default=None,
+                   help="comma-separated values of that setting to alternate (default: "
+                        + "; ".join(f"{k} {v[1]}" for k, v in sorted(VARIED.items())) + ")")
     args = p.parse_args()
+    if args.values is None:
+        args.values = VARIED[args.vary][1]
     try:
         values = [int(v) for v in args.values.split(",")]
     except ValueError:
@@ -71,11 +88,11 @@ def main():
     spent = dict.fromkeys(TIMED, 0.0)
     time_passes(spent)
     with cpu.cores_awake() as awake:
-        name = "MIN_BLOCK_ELEMENTS_AWAKE" if awake.started else "MIN_BLOCK_ELEMENTS"
+        owner, name = VARIED[args.vary][0](awake.started)
         print(f"threads: {threads}; batch {args.batch}, {args.image_size}x{args.image_size}; "
               f"keepers {'on' if awake.started else 'off'}: varying {name} "
-              f"(now {getattr(cpu, name)})")
-        arms = {v: functools.partial(setting, cpu, name, v) for v in values}
+              f"(now {getattr(owner, name)})")
+        arms = {v: functools.partial(setting, owner, name, v) for v in values}
         step()
         times = alternate_steps(step, arms, args.rounds, spent)
     for v in values:

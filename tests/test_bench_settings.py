@@ -59,6 +59,17 @@ def test_min_block_reports_every_value():
                          r"gradient adds [\d.]+\)", done.stdout), done.stdout
 
 
+def test_min_block_varies_batch_norms_pieces_when_asked():
+    done = _run("bench_min_block.py", "--batch", "2", "--image_size", "32", "--rounds", "1",
+                "--vary", "bn_piece_bytes", "--values", "4194304,4096",
+                env={"MINITORCH_GX_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    assert "varying PIECE_BYTES (now 4194304)" in done.stdout, done.stdout
+    for value in (4194304, 4096):
+        assert re.search(rf"\b{value}: step +\d+ ms, those passes +[\d.]+ ms \(bn forward",
+                         done.stdout), done.stdout
+
+
 def test_gemm_orientation_reports_both_ways_and_the_same_bits():
     done = _run("bench_gemm_orientation.py", "--batch", "2", "--size", "32", "--rounds", "2")
     assert done.returncode == 0, done.stderr

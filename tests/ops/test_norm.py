@@ -873,6 +873,29 @@ def test_the_fast_path_on_cnhw_memory_equals_the_float64_reference(shape):
             assert_close(a, b, 1e-10, 1e-10, f"CNHW fast {shape} relu={relu} {name}")
 
 
+@pytest.mark.parametrize("shape", [(8, 12, 4, 4), (2, 7, 33, 32)])
+def test_the_pieces_of_channels_change_no_bit_on_cnhw_memory(shape, monkeypatch):
+    """PIECE_BYTES only says how many channels a pass takes at a time: one
+    channel per piece, a few, and the whole block give the same bits, in
+    the forward (its running statistics too) and the backward."""
+    rng = np.random.default_rng(14)
+    x, gy = (np.ascontiguousarray(rng.standard_normal(shape).astype(np.float32)
+                                  .transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3) for _ in range(2))
+    gamma, beta = (rng.standard_normal(shape[1]).astype(np.float32) for _ in range(2))
+    per_channel = shape[0] * shape[2] * shape[3] * 4
+    results = []
+    for piece_bytes in (1, 5 * per_channel, norm.PIECE_BYTES):
+        monkeypatch.setattr(norm, "PIECE_BYTES", piece_bytes)
+        rm, rv = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
+        y, mean, invstd = norm._train_forward_fast(x, gamma, beta, 1e-5, True, rm, rv, 0.1)
+        results.append((y, mean, invstd, rm, rv)
+                       + norm._backward_fast(gy, x, gamma, beta, mean, invstd, True, y=y))
+    for other in results[1:]:
+        for name, a, b in zip(("y", "mean", "invstd", "running mean", "running var", "gx",
+                               "ggamma", "gbeta"), results[0], other):
+            assert a.tobytes() == b.tobytes(), f"{shape} {name} depends on the pieces"
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_fast_backward_reading_y_gives_the_bits_of_recomputing_it(dtype):
     """The NumPy path reads the forward's y > 0 (one pass fewer); the mask is
