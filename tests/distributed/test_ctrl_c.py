@@ -64,6 +64,9 @@ def one_trial(delay):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        reader.join(timeout=5)
+        if not reader.is_alive():  # (never under a reader's feet)
+            proc.stdout.close()
 
 
 @needs_mpirun

@@ -5,6 +5,7 @@ job within the deadline, with one line naming the collective and that rank.
 or mpirun), a 3 s deadline; and what the aborted jobs leave in /dev/shm.
 """
 import os
+import pathlib
 import re
 import signal
 import time
@@ -22,7 +23,7 @@ TIMEOUT_S = 3
 def kill_if_alive(pidfile, script="late_rank.py"):
     """SIGKILL the rank that froze itself, should the job's end have missed it."""
     try:
-        pid = int(open(pidfile).read())
+        pid = int(pathlib.Path(pidfile).read_text())
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if script.encode() not in f.read():
                 return  # the pid was reused by another process

@@ -4,6 +4,7 @@ combined across ranks, and a failing rank ending the job."""
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def test_two_ranks_train_and_evaluate(data, tmp_path):
     # 30 images over 2 ranks: 15 each, 3 batches of 4; rank 0 alone saves
     assert sorted(os.listdir(out / run / "ckpt_0")) == ["0-1_3.ckpt", "metrics.jsonl"]
     for log in logs:
-        assert "epoch: 1 step: 3, loss is" in open(out / run / log).read()
+        assert "epoch: 1 step: 3, loss is" in pathlib.Path(out / run / log).read_text()
 
     proc, _ = mpirun(2, "eval.py", "--run_distribute=1", f"--data_path={data / 'val'}",
                      f"--checkpoint_file_path={out / run / 'ckpt_0'}", *TINY[:2], "--num_workers",
@@ -59,7 +60,7 @@ def test_two_ranks_validate_as_eval_py_does_and_log_every_epoch(data, tmp_path):
         records = [json.loads(line) for line in f]
     assert [r["val_images"] for r in records] == [12, 12]  # both shards, combined
     for log in sorted(f for f in os.listdir(out / run) if f.endswith(".log")):
-        text = open(out / run / log).read()
+        text = pathlib.Path(out / run / log).read_text()
         for epoch in (1, 2):  # 3 steps an epoch, fewer than --log_interval: the last is logged
             assert f"epoch: {epoch} step: 3/3, loss" in text, (log, epoch)
             assert re.search(rf"run: epoch {epoch}/2 done, .* over 2 process\(es\)", text), log
@@ -95,7 +96,7 @@ def test_a_huge_learning_rate_stops_every_rank_together(data, tmp_path):
     assert seconds < 25
     (run,) = os.listdir(out)
     for log in (f for f in os.listdir(out / run) if f.endswith(".log")):
-        text = open(out / run / log).read()
+        text = pathlib.Path(out / run / log).read_text()
         assert re.search(r"ERROR:epoch: \d step: \d+, loss is .*not finite \(on some rank\)", text)
 
 
@@ -114,7 +115,7 @@ def test_a_refused_checkpoint_stops_every_rank_together(data, tmp_path):
     assert time.monotonic() - start < 25
     (run,) = os.listdir(out)
     assert sorted(os.listdir(out / run / "ckpt_0")) == ["0-1_3.ckpt", "metrics.jsonl"]
-    logs = [open(out / run / f).read() for f in sorted(os.listdir(out / run))
+    logs = [pathlib.Path(out / run / f).read_text() for f in sorted(os.listdir(out / run))
             if f.endswith(".log")]
     assert "hold NaN or infinity (first: model/bn1.running_var)" in logs[0]
     assert "rank 0 refused to write a checkpoint" in logs[1]
@@ -140,13 +141,14 @@ def test_ctrl_c_to_mpirun_stops_every_rank_at_one_step_and_resumes_exactly(data,
     while time.monotonic() < deadline:  # until both ranks are training
         logs = [os.path.join(r, f) for r in (out.glob("*")) for f in os.listdir(r)
                 if f.endswith(".log")] if out.exists() else []
-        if len(logs) == 2 and all("epoch: 2 step" in open(f).read() for f in logs):
+        if len(logs) == 2 and all("epoch: 2 step" in pathlib.Path(f).read_text() for f in logs):
             break
         time.sleep(0.05)
     job.send_signal(signal.SIGINT)
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130, stderr[-3000:]
-    stops = [re.findall(r"stopping at epoch (\d+) step (\d+)", open(f).read()) for f in logs]
+    stops = [re.findall(r"stopping at epoch (\d+) step (\d+)", pathlib.Path(f).read_text())
+             for f in logs]
     assert len(stops[0]) == 1 and stops[0] == stops[1], stops  # the same step on both ranks
     (run,) = os.listdir(out)
     proc, _ = mpirun(2, "train.py", "--run_distribute=1", "--resume", str(out / run),

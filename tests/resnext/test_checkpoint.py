@@ -1,5 +1,6 @@
 """Checkpoints: exact round trip, atomic writes, no pickle, naming and pruning."""
 import os
+import pathlib
 
 import numpy
 import pytest
@@ -39,7 +40,7 @@ def test_a_crash_while_writing_leaves_the_old_file_intact(tmp_path, monkeypatch)
     m = small_model(0)
     path = str(tmp_path / "0-1_5.ckpt")
     ckpt.save_checkpoint(path, m)
-    before = open(path, "rb").read()
+    before = pathlib.Path(path).read_bytes()
 
     def crash(f, **arrays):
         f.write(b"half a file")
@@ -48,7 +49,7 @@ def test_a_crash_while_writing_leaves_the_old_file_intact(tmp_path, monkeypatch)
     monkeypatch.setattr(numpy, "savez", crash)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(path, small_model(1))
-    assert open(path, "rb").read() == before
+    assert pathlib.Path(path).read_bytes() == before
     assert os.listdir(tmp_path) == ["0-1_5.ckpt"]          # no temporary left behind
 
 

@@ -3,6 +3,7 @@ overflowing one 0% (and says how many rows were non-finite), a checkpoint with
 NaN or inf arrays is refused, a .pth the converter refuses is one line, and
 in a folder a bad checkpoint is reported and skipped while the others are scored."""
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def damaged_pth(tmp_path):
     """The converter's tiny fixture with one byte of its pickle flipped (a bad CRC)."""
     import zipfile
     src = os.path.join(ROOT, "tests", "resnext", "fixtures", "tiny_state_dict.pth")
-    data = bytearray(open(src, "rb").read())
+    data = bytearray(pathlib.Path(src).read_bytes())
     with zipfile.ZipFile(src) as z:
         info = next(i for i in z.infolist() if i.filename.endswith("/data.pkl"))
     start = data.index(info.filename.encode(), info.header_offset) + len(info.filename)

@@ -3,6 +3,7 @@ bit-identically, signals are handled like Ctrl-C, no checkpoint holds a
 non-finite array, --resume restores the run's own settings, run folders are
 never shared, and bad flags are one line before any work."""
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -137,7 +138,7 @@ def test_sigterm_to_a_real_process_saves_and_exits_143(data, tmp_path):
         run = os.listdir(out) if out.exists() else []
         logs = [os.path.join(out, run[0], f) for f in os.listdir(out / run[0])
                 if f.endswith(".log")] if run else []
-        if logs and "epoch: 1 step:" in open(logs[0]).read():
+        if logs and "epoch: 1 step:" in pathlib.Path(logs[0]).read_text():
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -145,7 +146,7 @@ def test_sigterm_to_a_real_process_saves_and_exits_143(data, tmp_path):
     assert proc.returncode == 143, stderr
     assert "SIGTERM: stopping after the current step" in stderr
     assert "Traceback" not in stderr
-    log = open(logs[0]).read()
+    log = pathlib.Path(logs[0]).read_text()
     assert re.search(r"stopping at epoch \d step \d+ on a signal", log)
     assert re.search(r"saved checkpoint .*\.ckpt", log)
     resume_and_compare(data, tmp_path, out, straight)
@@ -162,7 +163,7 @@ def all_checkpoints_finite(run):
 
 
 def log_of(run):
-    return open(os.path.join(run, [f for f in os.listdir(run) if f.endswith(".log")][0])).read()
+    return pathlib.Path(run, next(f for f in os.listdir(run) if f.endswith(".log"))).read_text()
 
 
 def test_a_huge_learning_rate_stops_with_no_poisoned_checkpoint(data, tmp_path):

@@ -2,6 +2,7 @@
 checkpoint names, log lines, resume, warm start, errors."""
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -39,11 +40,12 @@ def test_train_writes_the_originals_layout_and_eval_reads_it(data, tmp_path, cap
     assert names == ["0-1_7.ckpt", "0-2_7.ckpt", "metrics.jsonl"]   # 30 images // 4 = 7 steps
     logs = [f for f in os.listdir(run) if f.endswith(".log")]
     assert len(logs) == 1 and re.fullmatch(r".+_rank_0\.log", logs[0])
-    text = open(os.path.join(run, logs[0])).read()
+    text = pathlib.Path(os.path.join(run, logs[0])).read_text()
     line = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}:INFO:"
     assert re.search(line + r"epoch: 2 step: 7, loss is \d+\.\d+", text)
     assert re.search(line + r"epoch time: \d+\.\d+ ms, per step time: \d+\.\d+ ms", text)
-    records = [json.loads(x) for x in open(os.path.join(run, "ckpt_0", "metrics.jsonl"))]
+    metrics = pathlib.Path(run, "ckpt_0", "metrics.jsonl").read_text()
+    records = [json.loads(x) for x in metrics.splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[1]["global_step"] == 14
 
     capsys.readouterr()

@@ -3,6 +3,7 @@ the transforms surfaces as a bug); the loader keeps each unreadable file once
 with its reason; eval.py names each in its log once, and a folder where no
 image can be read is one clear line."""
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -186,8 +187,9 @@ def test_the_run_log_names_each_unreadable_file_once_and_counts_files(broken, tm
     assert trainer.main(["--data_path", str(root), "--output_path", str(out), "--max_epoch", "3",
                          "--ckpt_interval", "3"] + TINY) == 0
     run = only_run(out)
-    log = open(os.path.join(run, [f for f in os.listdir(run) if f.endswith(".log")][0])).read()
+    log = pathlib.Path(run, next(f for f in os.listdir(run) if f.endswith(".log"))).read_text()
     for path in (truncated, garbage):
         assert len(re.findall(re.escape(f"unreadable image {path} ("), log)) == 1, log
-    records = [json.loads(x) for x in open(os.path.join(run, "ckpt_0", "metrics.jsonl"))]
+    metrics = pathlib.Path(run, "ckpt_0", "metrics.jsonl").read_text()
+    records = [json.loads(x) for x in metrics.splitlines()]
     assert [r["corrupt_images"] for r in records] == [2, 2, 2]  # files, not attempts

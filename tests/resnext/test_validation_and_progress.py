@@ -4,6 +4,7 @@ checkpoint kept apart from the rotation, whole-run progress lines, a step
 line in every epoch, TensorBoard scalars, and --help with every default."""
 import json
 import os
+import pathlib
 import re
 import struct
 import subprocess
@@ -32,7 +33,7 @@ def metrics(run):
 
 
 def log_of(run):
-    return open(os.path.join(run, [f for f in os.listdir(run) if f.endswith(".log")][0])).read()
+    return pathlib.Path(run, next(f for f in os.listdir(run) if f.endswith(".log"))).read_text()
 
 
 @pytest.fixture(scope="module")
