@@ -22,10 +22,11 @@ tables, the arms alternating in ABBA order in one process
 The orientation changes no bit of these results (a check is printed).
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
-import time
+import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -58,7 +59,7 @@ def one_blas_thread(fn):
     return cpu.run_blocks(lambda a, b: fn(), 1)[0]
 
 
-def gemm_operands(x, W, g, rng):
+def gemm_operands(W, g, rng):
     """The largest GEMM of the conv and its two orientations as callables:
     (name, macs, {orientation: fn})."""
     if conv._whole_map(g):
@@ -77,14 +78,12 @@ def gemm_operands(x, W, g, rng):
 
 
 def gemm_rates(fns, macs, rounds):
-    """GMAC/s of each orientation's GEMM, alternating in ABBA order, medians."""
-    times = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t0 = time.perf_counter()
-            one_blas_thread(fns[name])
-            times[name].append(time.perf_counter() - t0)
-    return {name: macs / statistics.median(t) / 1e9 for name, t in times.items()}
+    """GMAC/s of each orientation's GEMM, alternating in ABBA order
+    (``alternate_steps``: the arm puts its GEMM in place), medians."""
+    now = types.SimpleNamespace(gemm=None)
+    arms = {name: functools.partial(setting, now, "gemm", fn) for name, fn in fns.items()}
+    times = alternate_steps(lambda: one_blas_thread(now.gemm), arms, rounds)
+    return {name: macs / statistics.median(t["step"]) / 1e9 for name, t in times.items()}
 
 
 WAYS = {"cols @ gy^T": 1 << 30, "gy @ cols^T": 0}  # the bound that gives each
@@ -104,7 +103,7 @@ def backward_times(shape, x, W, gy, rounds):
     def backward():
         return weight() if x.shape[1] == 3 else cpu.side_by_side(data, weight)[1]
 
-    arms = {way: (lambda bound=bound: setting(conv, BOUND, bound)) for way, bound in WAYS.items()}
+    arms = {way: functools.partial(setting, conv, BOUND, bound) for way, bound in WAYS.items()}
     results = []
     for arm in arms.values():
         with arm():
@@ -129,8 +128,8 @@ def main():
     totals = dict.fromkeys([*WAYS, "the rule"], 0.0)
     with cpu.cores_awake():  # as train.py's steps run
         print(f"\n{'GEMM of':38s} {'oCg':>4s} {'NT GMAC/s':>10s} {'NN GMAC/s':>10s}")
-        for shape, x, W, _, g in found:
-            what, macs, fns = gemm_operands(x, W, g, rng)
+        for shape, _, W, _, g in found:
+            what, macs, fns = gemm_operands(W, g, rng)
             rate = gemm_rates(fns, macs, args.rounds)
             print(f"{shape[0] + ', ' + what:38s} {g.oCg:4d} {rate['NT']:10.1f} {rate['NN']:10.1f}")
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_min_block.py --values 1048576,524288,262144 --rounds 12
     python benchmarks/bench_min_block.py --batch 16 --image_size 224 --rounds 4
     MINITORCH_GX_KEEP_AWAKE=0 python benchmarks/bench_min_block.py   # cores free to halt
-    python benchmarks/bench_min_block.py --vary bn_piece_bytes   # batch norm's pieces: 4 MiB against 1 MiB
+    python benchmarks/bench_min_block.py --vary bn_piece_bytes   # batch norm's pieces, 4 MiB or 1 MiB
 
 Batch norm's and the element-wise passes split into blocks over the threads
 only when each block gets at least ``min_block_elements()`` elements:
@@ -20,7 +20,7 @@ of those and of their sum. Per-op sums are steadier than whole steps on a
 shared machine. The value changes no bit of a result (tests/test_cpu.py).
 ``--vary bn_piece_bytes`` alternates ``minitorch_gx.ops.norm.PIECE_BYTES``
 instead, the size of the pieces of channels batch norm's passes go over
-while they are in cache (it changes no bit either: tests/test_norm.py).
+while they are in cache (it changes no bit either: tests/ops/test_norm.py).
 """
 import argparse
 import functools
@@ -44,8 +44,8 @@ TIMED = {"bn forward": (norm, "batch_norm_train_forward"),
 
 # --vary: (awake -> (module, setting name), default --values)
 VARIED = {
-    "min_block": (lambda awake: (cpu, "MIN_BLOCK_ELEMENTS_AWAKE" if awake else "MIN_BLOCK_ELEMENTS"),
-                  f"{1 << 21},{1 << 19}"),
+    "min_block": (lambda awake: (cpu, "MIN_BLOCK_ELEMENTS_AWAKE" if awake
+                                 else "MIN_BLOCK_ELEMENTS"), f"{1 << 21},{1 << 19}"),
     "bn_piece_bytes": (lambda awake: (norm, "PIECE_BYTES"), f"{4 << 20},{1 << 20}"),
 }
 

@@ -10,8 +10,8 @@ with the input and weight gradients of every kernel larger than 1x1
 computed side by side, on two threads, and one after the other (each
 then with its blocks split over the threads: ``THREADED_MIN_MACS`` in
 minitorch_gx/ops/conv.py), in ABBA order in one process, so that the
-drift of a shared machine falls on both alike; each round times one step of each after an untimed one. Printed for
-each: the median step and the median time in the backward of the kernels
+drift of a shared machine falls on both alike; each round times one step
+of each after an untimed one. Printed for each: the median step and the median time in the backward of the kernels
 larger than 1x1 (ResNeXt's grouped 3x3s, and its stem, which has no input
 gradient and so nothing to put side by side), and in how many rounds side
 by side was the faster. The two give the same bits

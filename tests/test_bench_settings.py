@@ -75,7 +75,8 @@ def test_gemm_orientation_reports_both_ways_and_the_same_bits():
     assert done.returncode == 0, done.stderr
     gemms = re.findall(r"^\S.*, (?:gW \(folded\)|y \(whole map\)) +\d+ +[\d.]+ +[\d.]+$",
                        done.stdout, re.MULTILINE)
-    backwards = re.findall(r"^(.*\S) +\d +\d+ +[\d.]+ +[\d.]+ +(same|DIFF)$", done.stdout, re.MULTILINE)
+    backwards = re.findall(r"^(.*\S) +\d +\d+ +[\d.]+ +[\d.]+ +(same|DIFF)$", done.stdout,
+                           re.MULTILINE)
     assert gemms and backwards, done.stdout
     assert all(bits == "same" for _, bits in backwards), done.stdout
     assert re.search(r"with the rule in force \(cols @ gy\^T when oCg <= 32\): [\d.]+ ms",

@@ -957,7 +957,8 @@ def _folded_backward_weight(gy, x, g):
 # and each direction is one GEMM per group over the batch with no im2col:
 # y rows = x rows @ Wmap^T (Wmap^T built in its own memory), gx rows =
 # gy rows @ Wmap, gWmap = gy rows^T @ x rows. Its N*oCg*P*Q*iCg*H*W
-# multiply-adds are H*W / (R*S) of im2col's N*P*Q*oCg*iCg*R*S, and im2col's cost on such maps is not its GEMM but its
+# multiply-adds are H*W / (R*S) of im2col's N*P*Q*oCg*iCg*R*S, and
+# im2col's cost on such maps is not its GEMM but its
 # copies and zero fill-ins, runs of one or two values. Wmap is zeros with
 # each tap's weights written along a diagonal (``_tap_diagonals``), and gW
 # is gWmap summed along the same diagonals. Forward + input gradient +
