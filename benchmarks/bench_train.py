@@ -31,11 +31,16 @@ same minutes; it prints each side's median over all its steps, their
 ratio, and in how many rounds ours was the faster.
 (``import minitorch_gx`` also sets OPENBLAS_THREAD_TIMEOUT when it comes
 before NumPy, as in train.py; PyTorch computes with MKL and oneDNN, which
-that setting does not touch.)
+that setting does not touch.) On the CPU the figures are headed by the
+CPU and the OpenBLAS kernels ours ran on, and OPENBLAS_CORETYPE where the
+environment names them: OpenBLAS's AVX2 kernels ("Haswell") ran large
+GEMMs at half the speed of its AVX-512 ones ("SkylakeX") on this
+project's Zen 5 machine (``minitorch_gx/cpu.py``).
 """
 import argparse
 import contextlib
 import os
+import platform
 import statistics
 import sys
 import time
@@ -271,10 +276,30 @@ def report(name, times, batch):
     return rate
 
 
+def cpu_line():
+    """The CPU and NumPy's BLAS kernels, which the CPU figures depend on
+    (OpenBLAS's AVX2 kernels ran large GEMMs at half the speed of its
+    AVX-512 ones here: ``minitorch_gx/cpu.py``)."""
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+        fields = {k.strip(): v.strip() for k, _, v in
+                  (line.partition(":") for line in first.splitlines())}
+        model = f"{fields['model name']} (family {fields['cpu family']})"
+    except (OSError, KeyError):
+        pass
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return (f"cpu: {model}, {os.cpu_count()} cores; NumPy's OpenBLAS kernels: "
+            f"{cpu.blas_core() or 'none (another BLAS)'}"
+            + (f" (OPENBLAS_CORETYPE={forced} in the environment)" if forced else ""))
+
+
 def report_alternating(args, x, labels):
     print(f"{args.arch} training step, cpu, batch {args.batch}, {args.image_size}x"
           f"{args.image_size}, float32, {args.rounds} rounds of {args.steps} steps each, "
           f"ours and PyTorch's own process in turn, after {args.warmup} warm-up")
+    print(cpu_line())
     ours, theirs = bench_alternating(args, x, labels)
     ours_rate = report("minitorch_gx:", [t for r in ours for t in r], args.batch)
     if theirs is None:
@@ -321,6 +346,8 @@ def main():
     print(f"{args.arch} training step, {args.device}, batch {args.batch}, "
           f"{args.image_size}x{args.image_size}, {'TF32' if args.tf32 else 'float32'}, median of "
           f"{args.steps} steps after {args.warmup} warm-up")
+    if args.device == "cpu":
+        print(cpu_line())
     compare = not args.no_torch and args.arch == "resnext50_32x4d"
     own = bench_torch_own_process(args) if compare and args.device == "cpu" else None
     ours_rate = report("minitorch_gx:", bench_ours(args, x, labels), args.batch)

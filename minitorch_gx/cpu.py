@@ -53,7 +53,12 @@ the cores this module's threads need next: with OPENBLAS_THREAD_TIMEOUT=4
 1043 ms (two pairs of runs). OpenBLAS reads it once, when NumPy loads it,
 so ``import minitorch_gx`` sets it only when NumPy is not imported yet
 (train.py, eval.py and the benchmarks import minitorch_gx first), and never
-over a value already in the environment.
+over a value already in the environment. OpenBLAS picks its kernels by the
+CPU it finds when it loads, unless OPENBLAS_CORETYPE names them; on this
+project's current 2-core machine (AMD Zen 5) it picks its AVX-512 ones,
+"SkylakeX", and OPENBLAS_CORETYPE=Haswell (AVX2) halves the speed of a
+large GEMM (2048^3: 79 to 102 against 156 to 188 GMAC/s, six alternating
+pairs of processes). ``blas_core()`` says which kernels run.
 
 Waking. A core with nothing to run halts, and on this VM waking a halted
 core (for a pool thread handed a block, for OpenBLAS's threads at the next
@@ -233,8 +238,9 @@ def _in_block(fn):
 _inside = threading.local()
 
 
-def _blas_threads_calls():
-    """(get, set) of the thread count of the OpenBLAS NumPy loaded, or None:
+def _openblas_call(name):
+    """The function ``name`` (e.g. "get_num_threads") of the OpenBLAS NumPy
+    loaded, under whichever of its exported spellings it has, or None:
     another BLAS, or no /proc to find it in."""
     try:
         with open("/proc/self/maps") as maps:
@@ -249,15 +255,32 @@ def _blas_threads_calls():
             continue
         for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""),
                                ("openblas", "64_"), ("openblas", "")):
-            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
-                return get, put
+            fn = getattr(lib, f"{prefix}_{name}{suffix}", None)
+            if fn is not None:
+                return fn
     return None
 
 
+def _blas_threads_calls():
+    """(get, set) of the thread count of the OpenBLAS NumPy loaded, or None."""
+    get, put = _openblas_call("get_num_threads"), _openblas_call("set_num_threads")
+    if get is None or put is None:
+        return None
+    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+    return get, put
+
+
 _blas_threads = _blas_threads_calls()
+
+
+def blas_core():
+    """The kernels NumPy's OpenBLAS runs, as it names them ("SkylakeX",
+    "Haswell", ...), or None with another BLAS."""
+    corename = _openblas_call("get_corename")
+    if corename is None:
+        return None
+    corename.restype = ctypes.c_char_p
+    return corename().decode()
 
 
 class _OneBlasThread:

@@ -33,6 +33,8 @@ def test_a_one_shot_run_times_both_sides():
     done = _run("--batch", "2", "--image_size", "32", "--steps", "2", "--warmup", "0")
     assert done.returncode == 0, done.stderr
     assert re.search(r"minitorch_gx: .*all steps ms: \[\d+, \d+\]", done.stdout)
+    assert re.search(r"^cpu: .*, \d+ cores; NumPy's OpenBLAS kernels: \S", done.stdout,
+                     re.MULTILINE), done.stdout
     if "PyTorch: not measured" not in done.stdout:
         assert re.search(r"PyTorch \(own process\): .*all steps ms: \[\d+, \d+\]", done.stdout)
         assert re.search(r"ratio minitorch_gx / PyTorch: [\d.]+ \(PyTorch as its users run it\); "

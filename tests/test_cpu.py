@@ -354,6 +354,21 @@ def test_importing_minitorch_gx_first_lets_openblas_threads_sleep(setup, expecte
     assert out == str(expected)
 
 
+def test_blas_core_names_the_kernels_openblas_runs():
+    """Where the environment names OpenBLAS's kernels (OPENBLAS_CORETYPE, as
+    on this project's machines), blas_core() names those; elsewhere the ones
+    OpenBLAS picked (None only with another BLAS)."""
+    import os
+    core = cpu.blas_core()
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if cpu._blas_threads is None:
+        assert core is None
+    elif forced:
+        assert core.lower() == forced.lower()
+    else:
+        assert isinstance(core, str) and core.isprintable() and core
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_into_is_maximum_with_zero_to_the_bit(dtype):
     rng = np.random.default_rng(5)
