@@ -57,8 +57,9 @@ over a value already in the environment. OpenBLAS picks its kernels by the
 CPU it finds when it loads, unless OPENBLAS_CORETYPE names them; on this
 project's current 2-core machine (AMD Zen 5) it picks its AVX-512 ones,
 "SkylakeX", and OPENBLAS_CORETYPE=Haswell (AVX2) halves the speed of a
-large GEMM (2048^3: 79 to 102 against 156 to 188 GMAC/s, six alternating
-pairs of processes). ``blas_core()`` says which kernels run.
+large GEMM (2048^3: 89.8 against 164.6 GMAC/s, medians of 6 alternating
+rounds of benchmarks/bench_blas_kernels.py). ``blas_core()`` says which
+kernels run.
 
 Waking. A core with nothing to run halts, and on this VM waking a halted
 core (for a pool thread handed a block, for OpenBLAS's threads at the next
